@@ -1,0 +1,29 @@
+# egolcd — quick start: `make demo` (generate a long video) and `make test` (the test suite).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# CPU build of PyTorch, pinned so a fresh machine installs it from local disk (see README).
+TORCH_PIN ?= torch==2.13.0
+
+.PHONY: venv test demo lint clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_PIN)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+test: venv
+	$(PY) -m pytest tests
+
+lint: venv
+	$(VENV)/bin/ruff check egolcd tests
+
+demo: venv
+	$(VENV)/bin/egolcd generate examples/kitchen_revisit.yaml -o outputs/kitchen_revisit.mp4
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache

@@ -1,0 +1,196 @@
+"""Dataclass configs and the preset registry.
+
+A preset selects *sizes only*; every preset runs the same code path (DESIGN.md).
+
+    >>> from egolcd.config import PRESETS
+    >>> PRESETS["tiny"].transformer["num_layers"]
+    2
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+MEMORY_POLICIES = ("egolcd", "dense", "window", "sink-window", "none")
+
+
+@dataclass
+class MemoryConfig:
+    """What each chunk may see (METHOD.md, "Our formulation").
+
+    Args:
+        policy: one of ``MEMORY_POLICIES``.
+        window_chunks: W, the number of most recent chunks kept dense in the short-term window.
+        sink: keep the first chunk visible forever (used by ``egolcd`` and ``sink-window``).
+        keep_ratio: rho; a chunk leaving the window keeps ``ceil(rho * n)`` tokens per layer.
+        top_m: number of long-term entries retrieved per chunk.
+        threshold: optional minimum cosine similarity for a retrieved entry.
+        max_entries: long-term store budget in entries.
+        max_tokens: long-term store budget in tokens per layer (``None``: ``max_entries * k``).
+    """
+
+    policy: str = "egolcd"
+    window_chunks: int = 2
+    sink: bool = True
+    keep_ratio: float = 0.25
+    top_m: int = 2
+    threshold: float | None = None
+    max_entries: int = 32
+    max_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.policy not in MEMORY_POLICIES:
+            raise ValueError(f"unknown memory policy {self.policy!r}; choose one of {', '.join(MEMORY_POLICIES)}")
+        if self.window_chunks < 1:
+            raise ValueError(f"window_chunks must be >= 1, got {self.window_chunks}")
+        if not 0.0 < self.keep_ratio <= 1.0:
+            raise ValueError(f"keep_ratio must be in (0, 1], got {self.keep_ratio}")
+        if self.top_m < 0 or self.max_entries < 0:
+            raise ValueError("top_m and max_entries must be >= 0")
+
+
+@dataclass
+class Preset:
+    """A named size: transformer config (diffusers ``WanTransformer3DModel`` keys + ``chunk_frames``),
+    latent geometry and default video size.
+
+    Args:
+        name: registry key.
+        transformer: keyword arguments of ``EgoLCDTransformer3DModel``.
+        vae: ``"embedded"`` (small VAE shipped with egolcd) or ``"wan"`` (``AutoencoderKLWan`` from a path).
+        text_encoder: ``"minilm"`` (embedded all-MiniLM-L6-v2, 384-d) or ``"umt5"`` (from a path).
+        vae_temporal: latent frames = 1 + (pixel frames - 1) / vae_temporal.
+        vae_spatial: pixel size / latent size.
+        height, width, fps: default video geometry.
+        memory: default memory configuration.
+    """
+
+    name: str
+    transformer: dict[str, Any]
+    vae: str = "embedded"
+    text_encoder: str = "minilm"
+    vae_temporal: int = 4
+    vae_spatial: int = 8
+    height: int = 480
+    width: int = 640
+    fps: int = 16
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+
+    @property
+    def chunk_frames(self) -> int:
+        return int(self.transformer["chunk_frames"])
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.transformer["in_channels"])
+
+    def replace(self, **changes: Any) -> Preset:
+        return dataclasses.replace(self, **changes)
+
+
+def _wan(num_heads: int, ffn_dim: int, num_layers: int) -> dict[str, Any]:
+    return dict(
+        patch_size=(1, 2, 2),
+        num_attention_heads=num_heads,
+        attention_head_dim=128,
+        in_channels=16,
+        out_channels=16,
+        text_dim=4096,
+        freq_dim=256,
+        ffn_dim=ffn_dim,
+        num_layers=num_layers,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        eps=1e-6,
+        image_dim=None,
+        added_kv_proj_dim=None,
+        rope_max_seq_len=1024,
+        chunk_frames=3,
+    )
+
+
+PRESETS: dict[str, Preset] = {
+    # Tests: seconds on CPU. Text dim 384 = the embedded MiniLM encoder.
+    "tiny": Preset(
+        name="tiny",
+        transformer=dict(
+            patch_size=(1, 2, 2),
+            num_attention_heads=2,
+            attention_head_dim=12,
+            in_channels=4,
+            out_channels=4,
+            text_dim=384,
+            freq_dim=32,
+            ffn_dim=48,
+            num_layers=2,
+            cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads",
+            eps=1e-6,
+            rope_max_seq_len=1024,
+            chunk_frames=2,
+        ),
+        vae_temporal=4,
+        vae_spatial=8,
+        height=64,
+        width=64,
+        fps=8,
+        memory=MemoryConfig(window_chunks=2, keep_ratio=0.25, top_m=2, max_entries=8),
+    ),
+    # The embedded default (trained and committed later, < 50 MB in safetensors).
+    "demo": Preset(
+        name="demo",
+        transformer=dict(
+            patch_size=(1, 2, 2),
+            num_attention_heads=4,
+            attention_head_dim=48,
+            in_channels=8,
+            out_channels=8,
+            text_dim=384,
+            freq_dim=128,
+            ffn_dim=768,
+            num_layers=8,
+            cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads",
+            eps=1e-6,
+            rope_max_seq_len=1024,
+            chunk_frames=3,
+        ),
+        vae_temporal=4,
+        vae_spatial=8,
+        height=128,
+        width=160,
+        fps=8,
+        memory=MemoryConfig(window_chunks=2, keep_ratio=0.25, top_m=2, max_entries=32),
+    ),
+    # The published Wan2.1 sizes (text encoder umT5-XXL, 4096-d; Wan VAE, 16 latent channels).
+    "wan2.1-1.3b": Preset(
+        name="wan2.1-1.3b",
+        transformer=_wan(num_heads=12, ffn_dim=8960, num_layers=30),
+        vae="wan",
+        text_encoder="umt5",
+        height=480,
+        width=832,
+        fps=16,
+        memory=MemoryConfig(window_chunks=3, keep_ratio=0.25, top_m=2, max_entries=32),
+    ),
+    "wan2.1-14b": Preset(
+        name="wan2.1-14b",
+        transformer=_wan(num_heads=40, ffn_dim=13824, num_layers=40),
+        vae="wan",
+        text_encoder="umt5",
+        height=480,
+        width=832,
+        fps=16,
+        memory=MemoryConfig(window_chunks=3, keep_ratio=0.25, top_m=2, max_entries=32),
+    ),
+}
+
+
+def get_preset(name: str) -> Preset:
+    """Look up a preset by name with a clear error."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None
