@@ -1,0 +1,178 @@
+"""Attention over ``[memory context + current chunk]`` with rotary positions applied at read time.
+
+Keys are stored *before* rotary encoding (METHOD.md, "Memory layout per layer"), together with their
+``(frame, row, col)`` grid positions. Rotary cos/sin are computed on the fly from integer positions, so
+there is no position table to overflow and the caller is free to re-index frame positions relative to
+the current chunk. The frequencies are bit-identical to diffusers' ``WanRotaryPosEmbed`` (float64
+angles, Wan's split of the head dimension into t/h/w parts).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass
+class LayerKV:
+    """Keys/values of some tokens for one transformer layer.
+
+    Args:
+        key: ``(B, T, heads, head_dim)`` after the key RMS norm, before rotary encoding.
+        value: ``(B, T, heads, head_dim)``.
+        pos: ``(B, T, 3)`` int64 grid positions ``(frame, row, col)`` of each token.
+    """
+
+    key: Tensor
+    value: Tensor
+    pos: Tensor
+
+    def __len__(self) -> int:
+        return int(self.key.shape[1])
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.key.shape[1])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.key, self.value, self.pos))
+
+    @staticmethod
+    def cat(parts: Sequence[LayerKV]) -> LayerKV:
+        """Concatenate along the token axis (order is kept)."""
+        if len(parts) == 1:
+            return parts[0]
+        return LayerKV(
+            key=torch.cat([p.key for p in parts], dim=1),
+            value=torch.cat([p.value for p in parts], dim=1),
+            pos=torch.cat([p.pos for p in parts], dim=1),
+        )
+
+    def gather(self, index: Tensor) -> LayerKV:
+        """Select tokens per batch element. ``index``: ``(B, k)`` int64 token indices."""
+        b, k = index.shape
+        idx4 = index[:, :, None, None].expand(b, k, self.key.shape[2], self.key.shape[3])
+        return LayerKV(
+            key=torch.gather(self.key, 1, idx4),
+            value=torch.gather(self.value, 1, idx4),
+            pos=torch.gather(self.pos, 1, index[:, :, None].expand(b, k, 3)),
+        )
+
+    def slice(self, start: int, end: int) -> LayerKV:
+        return LayerKV(self.key[:, start:end], self.value[:, start:end], self.pos[:, start:end])
+
+    def shift_frames(self, offset: int) -> LayerKV:
+        """The same tokens with ``offset`` added to their frame positions (keys stay pre-RoPE)."""
+        if offset == 0:
+            return self
+        pos = self.pos.clone()
+        pos[..., 0] += offset
+        return LayerKV(self.key, self.value, pos)
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> LayerKV:
+        return LayerKV(
+            self.key.to(device=device, dtype=dtype),
+            self.value.to(device=device, dtype=dtype),
+            self.pos.to(device=device),
+        )
+
+    def detach(self) -> LayerKV:
+        return LayerKV(self.key.detach(), self.value.detach(), self.pos)
+
+
+def rope_split(head_dim: int) -> tuple[int, int, int]:
+    """Wan's split of the head dimension into (t, h, w) rotary parts."""
+    h_dim = w_dim = 2 * (head_dim // 6)
+    return head_dim - h_dim - w_dim, h_dim, w_dim
+
+
+def rope_cos_sin(pos: Tensor, head_dim: int, theta: float = 10000.0) -> tuple[Tensor, Tensor]:
+    """Rotary cos/sin for integer grid positions.
+
+    Args:
+        pos: ``(B, T, 3)`` int64 ``(frame, row, col)``; any integer values (negative allowed).
+        head_dim: attention head dimension.
+
+    Returns:
+        ``(cos, sin)``, each ``(B, T, 1, head_dim)`` float32, interleave-repeated as in Wan.
+    """
+    cos_parts, sin_parts = [], []
+    for axis, dim in enumerate(rope_split(head_dim)):
+        freqs = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=pos.device) / dim))
+        angles = pos[..., axis].to(torch.float64)[..., None] * freqs  # (B, T, dim/2)
+        cos_parts.append(angles.cos().repeat_interleave(2, dim=-1).float())
+        sin_parts.append(angles.sin().repeat_interleave(2, dim=-1).float())
+    cos = torch.cat(cos_parts, dim=-1)[:, :, None, :]  # (B, T, 1, head_dim)
+    sin = torch.cat(sin_parts, dim=-1)[:, :, None, :]
+    return cos, sin
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate consecutive pairs of ``x`` ``(B, T, heads, head_dim)`` (Wan's ``apply_rotary_emb``)."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    c, s = cos[..., 0::2], sin[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = x1 * c - x2 * s
+    out[..., 1::2] = x1 * s + x2 * c
+    return out.type_as(x)
+
+
+def grid_positions(
+    batch: int, frames: int, height: int, width: int, frame_start: int = 0, device: torch.device | None = None
+) -> Tensor:
+    """``(B, frames*height*width, 3)`` positions of a patch grid in ``(frame, row, col)`` raster order."""
+    f = torch.arange(frame_start, frame_start + frames, device=device)
+    h = torch.arange(height, device=device)
+    w = torch.arange(width, device=device)
+    grid = torch.stack(torch.meshgrid(f, h, w, indexing="ij"), dim=-1).reshape(1, -1, 3)  # (1, F*H*W, 3)
+    return grid.expand(batch, -1, -1)
+
+
+def block_causal_mask(frames: int, tokens_per_frame: int, chunk_frames: int, device=None) -> Tensor:
+    """Boolean ``(N, N)`` mask, True = may attend: bidirectional inside a chunk, causal across chunks."""
+    chunk_id = torch.arange(frames, device=device) // chunk_frames
+    chunk_id = chunk_id.repeat_interleave(tokens_per_frame)  # (N,)
+    return chunk_id[:, None] >= chunk_id[None, :]
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Scaled dot-product attention on ``(B, T, heads, head_dim)`` tensors (PyTorch SDPA backends).
+
+    Args:
+        q: ``(B, Tq, h, d)``; k, v: ``(B, Tk, h, d)``; mask: optional bool ``(Tq, Tk)``, True = attend.
+
+    Returns:
+        ``(B, Tq, h, d)``.
+    """
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+    return out.transpose(1, 2)
+
+
+def attention_mass(q: Tensor, k: Tensor, num_context: int, query_block: int = 1024) -> Tensor:
+    """Attention mass received by each of the first ``num_context`` keys.
+
+    The softmax is over *all* keys (context + current), as in the attention itself; the mass is the
+    mean over heads and queries of the probability each context key receives (METHOD.md, "Importance").
+
+    Args:
+        q: ``(B, Tq, h, d)`` rotary-encoded queries; k: ``(B, Tk, h, d)`` rotary-encoded keys.
+        num_context: how many leading keys are memory context.
+
+    Returns:
+        ``(B, num_context)`` float32.
+    """
+    b, tq, h, d = q.shape
+    scale = 1.0 / math.sqrt(d)
+    kt = k.transpose(1, 2).float()  # (B, h, Tk, d)
+    total = q.new_zeros((b, num_context), dtype=torch.float32)
+    for start in range(0, tq, query_block):
+        qb = q[:, start : start + query_block].transpose(1, 2).float()  # (B, h, bq, d)
+        probs = torch.softmax(qb @ kt.transpose(-1, -2) * scale, dim=-1)  # (B, h, bq, Tk)
+        total += probs[..., :num_context].sum(dim=(1, 2))
+    return total / (h * tq)

@@ -1,0 +1,442 @@
+"""EgoLCDTransformer3DModel: the Wan2.1 DiT, block-causal, with explicit memory context.
+
+Parameter names equal diffusers' ``WanTransformer3DModel``, so a Wan2.1 (or Self-Forcing / CausVid /
+LongLive) checkpoint in diffusers layout loads with ``from_pretrained`` with no missing or unexpected
+keys. The model is a pure function of (latent chunk, per-frame timesteps, text tokens, memory context):
+memory objects are passed in and returned, never stored on the module (DESIGN.md).
+
+Two entry points:
+
+* ``forward`` - the whole latent video at once, called like ``WanTransformer3DModel``. With
+  ``chunk_frames=None`` (or ``>= F``) it is the same function as Wan; with ``chunk_frames=K < F`` the
+  self-attention is block-causal (bidirectional inside a chunk of K frames, causal across chunks).
+* ``forward_chunk`` - one chunk with an explicit per-layer memory context (``LayerKV``: pre-RoPE keys,
+  values and grid positions); returns the chunk's own keys/values for writing into memory, and on
+  request the attention mass the context received (importance) and the memory/full-history attention
+  outputs used by the Memory Regulation Loss.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.loaders import PeftAdapterMixin
+from diffusers.models.attention import FeedForward
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.models.normalization import FP32LayerNorm
+from diffusers.models.transformers.transformer_wan import (
+    WanAttention,
+    WanAttnProcessor,
+    WanTimeTextImageEmbedding,
+)
+from torch import Tensor
+
+from .attention import (
+    LayerKV,
+    apply_rope,
+    attention,
+    attention_mass,
+    block_causal_mask,
+    grid_positions,
+    rope_cos_sin,
+)
+
+
+@dataclass
+class ChunkOutput:
+    """What ``forward_chunk`` returns.
+
+    Args:
+        sample: ``(B, C, K, H, W)`` the model output (flow velocity) for the chunk.
+        kv: per layer, the chunk's own keys/values (pre-RoPE) and positions, when asked for.
+        attention_mass: per layer, ``(B, T_ctx)`` mean attention probability each context token received.
+        memory_outputs: per layer, ``(O_mem, O_full)`` self-attention outputs of the chunk's queries with
+            the given context and with the ``reference_context`` (no gradient), each ``(B, N, heads*d)``.
+    """
+
+    sample: Tensor
+    kv: list[LayerKV] | None = None
+    attention_mass: list[Tensor] | None = None
+    memory_outputs: list[tuple[Tensor, Tensor]] | None = None
+
+
+@dataclass
+class _LayerIO:
+    """Per-layer inputs and captured outputs of one block call."""
+
+    cos: Tensor  # (B, N, 1, d) rotary of the current tokens
+    sin: Tensor
+    pos: Tensor  # (B, N, 3)
+    context: LayerKV | None = None
+    reference: LayerKV | None = None
+    mask: Tensor | None = None
+    want_kv: bool = False
+    want_mass: bool = False
+    kv: LayerKV | None = None
+    mass: Tensor | None = None
+    memory_output: tuple[Tensor, Tensor] | None = None
+
+
+class EgoLCDTransformerBlock(nn.Module):
+    """A Wan transformer block (same submodule names as ``WanTransformerBlock``) whose self-attention
+    reads an explicit memory context."""
+
+    def __init__(
+        self,
+        dim: int,
+        ffn_dim: int,
+        num_heads: int,
+        qk_norm: str | None = "rms_norm_across_heads",
+        cross_attn_norm: bool = False,
+        eps: float = 1e-6,
+        added_kv_proj_dim: int | None = None,
+    ) -> None:
+        super().__init__()
+        if qk_norm != "rms_norm_across_heads":
+            raise ValueError(f"unsupported qk_norm {qk_norm!r} (Wan2.1 uses 'rms_norm_across_heads')")
+        self.num_heads = num_heads
+        # 1. Self-attention
+        self.norm1 = FP32LayerNorm(dim, eps, elementwise_affine=False)
+        self.attn1 = WanAttention(
+            dim=dim, heads=num_heads, dim_head=dim // num_heads, eps=eps, processor=WanAttnProcessor()
+        )
+        # 2. Cross-attention
+        self.attn2 = WanAttention(
+            dim=dim,
+            heads=num_heads,
+            dim_head=dim // num_heads,
+            eps=eps,
+            added_kv_proj_dim=added_kv_proj_dim,
+            cross_attention_dim_head=dim // num_heads,
+            processor=WanAttnProcessor(),
+        )
+        self.norm2 = FP32LayerNorm(dim, eps, elementwise_affine=True) if cross_attn_norm else nn.Identity()
+        # 3. Feed-forward
+        self.ffn = FeedForward(dim, inner_dim=ffn_dim, activation_fn="gelu-approximate")
+        self.norm3 = FP32LayerNorm(dim, eps, elementwise_affine=False)
+        self.scale_shift_table = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+
+    def self_attention(self, x: Tensor, io: _LayerIO) -> Tensor:
+        """Self-attention of the current tokens over ``[context + current]``.
+
+        Args:
+            x: ``(B, N, D)`` modulated, normalised hidden states of the current tokens.
+        """
+        attn = self.attn1
+        q = attn.norm_q(attn.to_q(x)).unflatten(2, (self.num_heads, -1))  # (B, N, h, d)
+        k = attn.norm_k(attn.to_k(x)).unflatten(2, (self.num_heads, -1))
+        v = attn.to_v(x).unflatten(2, (self.num_heads, -1))
+        if io.want_kv:
+            io.kv = LayerKV(k, v, io.pos)
+        q = apply_rope(q, io.cos, io.sin)
+
+        def read(ctx: LayerKV | None) -> tuple[Tensor, Tensor]:
+            k_cur = apply_rope(k, io.cos, io.sin)
+            if ctx is None or len(ctx) == 0:
+                return k_cur, v
+            c_cos, c_sin = rope_cos_sin(ctx.pos, k.shape[-1])
+            k_ctx = apply_rope(ctx.key.to(k.dtype), c_cos, c_sin)
+            return torch.cat([k_ctx, k_cur], dim=1), torch.cat([ctx.value.to(v.dtype), v], dim=1)
+
+        keys, values = read(io.context)
+        out = attention(q, keys, values, io.mask).flatten(2, 3).type_as(q)  # (B, N, h*d)
+        if io.want_mass:
+            n_ctx = 0 if io.context is None else len(io.context)
+            io.mass = attention_mass(q.detach(), keys.detach(), n_ctx)
+        if io.reference is not None:
+            with torch.no_grad():
+                ref_k, ref_v = read(io.reference)
+                ref_out = attention(q, ref_k, ref_v).flatten(2, 3).type_as(q)
+            io.memory_output = (out, ref_out)
+        return attn.to_out[1](attn.to_out[0](out))
+
+    def forward(
+        self, hidden_states: Tensor, encoder_hidden_states: Tensor, temb: Tensor, io: _LayerIO
+    ) -> Tensor:
+        """
+        Args:
+            hidden_states: ``(B, N, D)`` current tokens, N = F * tokens_per_frame.
+            encoder_hidden_states: ``(B, L, D)`` projected text tokens.
+            temb: ``(B, F, 6, D)`` per-frame modulation.
+            io: rotary, context, mask and capture requests for this layer.
+        """
+        b, n, d = hidden_states.shape
+        frames = temb.shape[1]
+        # 1. Per-frame modulation parameters, broadcast over the tokens of each frame.
+        mod = (self.scale_shift_table.unsqueeze(0) + temb.float()).unsqueeze(3)  # (B, F, 6, 1, D)
+        shift_msa, scale_msa, gate_msa, c_shift, c_scale, c_gate = mod.unbind(2)  # each (B, F, 1, D)
+
+        def modulate(x: Tensor, norm: nn.Module, shift: Tensor, scale: Tensor) -> Tensor:
+            y = norm(x.float()).view(b, frames, n // frames, d)  # (B, F, H*W, D)
+            return (y * (1 + scale) + shift).view(b, n, d).type_as(x)
+
+        def gated(x: Tensor, y: Tensor, gate: Tensor) -> Tensor:
+            out = x.float().view(b, frames, n // frames, d) + y.float().view(b, frames, n // frames, d) * gate
+            return out.view(b, n, d).type_as(x)
+
+        # 2. Self-attention over [memory context + current chunk]
+        attn_out = self.self_attention(modulate(hidden_states, self.norm1, shift_msa, scale_msa), io)
+        hidden_states = gated(hidden_states, attn_out, gate_msa)
+        # 3. Cross-attention to the text
+        norm_hidden_states = self.norm2(hidden_states.float()).type_as(hidden_states)
+        hidden_states = hidden_states + self.attn2(norm_hidden_states, encoder_hidden_states, None, None)
+        # 4. Feed-forward
+        ff_out = self.ffn(modulate(hidden_states, self.norm3, c_shift, c_scale))
+        return gated(hidden_states, ff_out, c_gate)
+
+
+class EgoLCDTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
+    r"""The Wan2.1 video DiT with block-causal attention and explicit long-context memory.
+
+    Args:
+        patch_size: 3D patch ``(t, h, w)``; Wan2.1 uses ``(1, 2, 2)``.
+        num_attention_heads, attention_head_dim: heads and their width.
+        in_channels, out_channels: latent channels (16 for the Wan VAE).
+        text_dim: width of the text encoder's token states (4096 for umT5-XXL).
+        freq_dim: sinusoidal timestep embedding width.
+        ffn_dim: feed-forward hidden width.
+        num_layers: number of blocks.
+        cross_attn_norm, qk_norm, eps: as in Wan2.1.
+        image_dim, added_kv_proj_dim, pos_embed_seq_len: Wan image-to-video fields (kept for loading).
+        rope_max_seq_len: kept for config compatibility; positions are computed on the fly, unbounded.
+        chunk_frames: latent frames per chunk for block-causal attention; ``None`` = one chunk.
+    """
+
+    _supports_gradient_checkpointing = True
+    _no_split_modules = ["EgoLCDTransformerBlock"]
+    _keep_in_fp32_modules = ["time_embedder", "scale_shift_table", "norm1", "norm2", "norm3"]
+    _keys_to_ignore_on_load_unexpected = ["norm_added_q"]
+    _skip_layerwise_casting_patterns = ["patch_embedding", "condition_embedder", "norm"]
+
+    @register_to_config
+    def __init__(
+        self,
+        patch_size: tuple[int, ...] = (1, 2, 2),
+        num_attention_heads: int = 40,
+        attention_head_dim: int = 128,
+        in_channels: int = 16,
+        out_channels: int = 16,
+        text_dim: int = 4096,
+        freq_dim: int = 256,
+        ffn_dim: int = 13824,
+        num_layers: int = 40,
+        cross_attn_norm: bool = True,
+        qk_norm: str | None = "rms_norm_across_heads",
+        eps: float = 1e-6,
+        image_dim: int | None = None,
+        added_kv_proj_dim: int | None = None,
+        rope_max_seq_len: int = 1024,
+        pos_embed_seq_len: int | None = None,
+        chunk_frames: int | None = None,
+    ) -> None:
+        super().__init__()
+        if chunk_frames is not None and chunk_frames < 1:
+            raise ValueError(f"chunk_frames must be >= 1 or None, got {chunk_frames}")
+        inner_dim = num_attention_heads * attention_head_dim
+        out_channels = out_channels or in_channels
+
+        # 1. Patch embedding (positions: rotary, computed at read time)
+        self.patch_embedding = nn.Conv3d(in_channels, inner_dim, kernel_size=patch_size, stride=patch_size)
+        # 2. Condition embeddings
+        self.condition_embedder = WanTimeTextImageEmbedding(
+            dim=inner_dim,
+            time_freq_dim=freq_dim,
+            time_proj_dim=inner_dim * 6,
+            text_embed_dim=text_dim,
+            image_embed_dim=image_dim,
+            pos_embed_seq_len=pos_embed_seq_len,
+        )
+        # 3. Transformer blocks
+        self.blocks = nn.ModuleList(
+            [
+                EgoLCDTransformerBlock(
+                    inner_dim, ffn_dim, num_attention_heads, qk_norm, cross_attn_norm, eps, added_kv_proj_dim
+                )
+                for _ in range(num_layers)
+            ]
+        )
+        # 4. Output norm & projection
+        self.norm_out = FP32LayerNorm(inner_dim, eps, elementwise_affine=False)
+        self.proj_out = nn.Linear(inner_dim, out_channels * math.prod(patch_size))
+        self.scale_shift_table = nn.Parameter(torch.randn(1, 2, inner_dim) / inner_dim**0.5)
+        self.gradient_checkpointing = False
+
+    # ------------------------------------------------------------------ helpers
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> EgoLCDTransformer3DModel:
+        """Random-initialised model of a registered size (``egolcd.config.PRESETS``)."""
+        from .config import get_preset
+
+        return cls(**{**get_preset(name).transformer, **overrides})
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def head_dim(self) -> int:
+        return int(self.config.attention_head_dim)
+
+    def tokens_per_frame(self, height: int, width: int) -> int:
+        _, p_h, p_w = self.config.patch_size
+        return (height // p_h) * (width // p_w)
+
+    def _embed(
+        self,
+        hidden_states: Tensor,
+        timestep: Tensor,
+        encoder_hidden_states: Tensor,
+        encoder_hidden_states_image: Tensor | None,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, tuple[int, int, int]]:
+        """1. Patchify; 2. per-frame timestep and text embeddings."""
+        b, _, f, h, w = hidden_states.shape
+        p_t, p_h, p_w = self.config.patch_size
+        if f % p_t or h % p_h or w % p_w:
+            raise ValueError(f"latent size {(f, h, w)} is not divisible by the patch size {(p_t, p_h, p_w)}")
+        grid = (f // p_t, h // p_h, w // p_w)
+        x = self.patch_embedding(hidden_states).flatten(2).transpose(1, 2).contiguous()  # (B, F*H*W, D)
+
+        timestep = torch.as_tensor(timestep, device=hidden_states.device)
+        if timestep.ndim == 0:
+            timestep = timestep.expand(b)
+        if timestep.ndim == 1:  # (B,) -> (B, F): every frame the same noise level
+            timestep = timestep[:, None].expand(b, f)
+        if timestep.shape != (b, f):
+            raise ValueError(f"timestep must be (B,) or (B, F) = {(b, f)}, got {tuple(timestep.shape)}")
+        timestep = timestep[:, ::p_t]  # one level per latent frame after temporal patching
+        temb, timestep_proj, text, image = self.condition_embedder(
+            timestep.flatten(), encoder_hidden_states, encoder_hidden_states_image, timestep_seq_len=grid[0]
+        )
+        timestep_proj = timestep_proj.unflatten(2, (6, -1))  # (B, F, 6, D)
+        if image is not None:
+            text = torch.cat([image, text], dim=1)
+        return x, temb, timestep_proj, text, grid
+
+    def _run_blocks(self, x: Tensor, text: Tensor, timestep_proj: Tensor, ios: Sequence[_LayerIO]) -> Tensor:
+        for block, io in zip(self.blocks, ios):
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                x = self._gradient_checkpointing_func(block, x, text, timestep_proj, io)
+            else:
+                x = block(x, text, timestep_proj, io)
+        return x
+
+    def _unpatchify(self, x: Tensor, temb: Tensor, grid: tuple[int, int, int]) -> Tensor:
+        """5. Output norm (per-frame shift/scale), projection and unpatchify."""
+        b, n, d = x.shape
+        f, h, w = grid
+        p_t, p_h, p_w = self.config.patch_size
+        shift, scale = (self.scale_shift_table.unsqueeze(0) + temb.unsqueeze(2)).unsqueeze(3).unbind(2)
+        y = self.norm_out(x.float()).view(b, f, h * w, d)  # (B, F, H*W, D)
+        x = (y * (1 + scale) + shift).view(b, n, d).type_as(x)
+        x = self.proj_out(x)
+        x = x.reshape(b, f, h, w, p_t, p_h, p_w, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return x.flatten(6, 7).flatten(4, 5).flatten(2, 3)  # (B, C, F*p_t, H*p_h, W*p_w)
+
+    # ------------------------------------------------------------------ entry points
+    def forward(
+        self,
+        hidden_states: Tensor,
+        timestep: Tensor,
+        encoder_hidden_states: Tensor,
+        encoder_hidden_states_image: Tensor | None = None,
+        return_dict: bool = True,
+        attention_kwargs: dict[str, Any] | None = None,
+    ) -> Transformer2DModelOutput | tuple[Tensor]:
+        """Whole-video forward, called like ``WanTransformer3DModel``.
+
+        Args:
+            hidden_states: ``(B, C, F, H, W)`` noisy latents.
+            timestep: ``(B,)`` or per-frame ``(B, F)`` in Wan's 0..1000 scale.
+            encoder_hidden_states: ``(B, L, text_dim)`` text token states.
+            encoder_hidden_states_image: optional image tokens (Wan I2V checkpoints).
+
+        Returns:
+            ``(B, C, F, H, W)`` prediction (``Transformer2DModelOutput.sample`` or a 1-tuple).
+        """
+        b = hidden_states.shape[0]
+        # 1-2. Patchify and embed conditions
+        x, temb, timestep_proj, text, grid = self._embed(
+            hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image
+        )
+        f, h, w = grid
+        pos = grid_positions(b, f, h, w, device=x.device)  # (B, N, 3)
+        cos, sin = rope_cos_sin(pos, self.head_dim)
+        # 3. Block-causal mask when the video spans several chunks
+        k = self.config.chunk_frames
+        mask = block_causal_mask(f, h * w, k, device=x.device) if k is not None and k < f else None
+        ios = [_LayerIO(cos=cos, sin=sin, pos=pos, mask=mask) for _ in self.blocks]
+        # 4. Transformer blocks
+        x = self._run_blocks(x, text, timestep_proj, ios)
+        # 5. Output
+        out = self._unpatchify(x, temb, grid)
+        if not return_dict:
+            return (out,)
+        return Transformer2DModelOutput(sample=out)
+
+    def forward_chunk(
+        self,
+        hidden_states: Tensor,
+        timestep: Tensor,
+        encoder_hidden_states: Tensor,
+        context: Sequence[LayerKV] | None = None,
+        frame_start: int = 0,
+        reference_context: Sequence[LayerKV] | None = None,
+        return_kv: bool = False,
+        return_attention_mass: bool = False,
+        encoder_hidden_states_image: Tensor | None = None,
+    ) -> ChunkOutput:
+        """One chunk with an explicit memory context.
+
+        Args:
+            hidden_states: ``(B, C, K, H, W)`` latents of the current chunk.
+            timestep: ``(B,)`` or ``(B, K)`` in Wan's 0..1000 scale.
+            encoder_hidden_states: ``(B, L, text_dim)`` text tokens of the chunk's segment prompt.
+            context: one ``LayerKV`` per layer (may be empty): memory tokens, keys before rotary encoding,
+                frame positions already in the coordinate system of this call.
+            frame_start: frame position of the chunk's first latent frame in that coordinate system.
+            reference_context: optional per-layer full-history context; the chunk's queries also attend
+                to it (no gradient) and both outputs are returned (Memory Regulation Loss).
+            return_kv: return the chunk's own keys/values (pre-RoPE) for writing into memory.
+            return_attention_mass: return per layer the mean attention probability of each context token.
+        """
+        b = hidden_states.shape[0]
+        n_layers = self.num_layers
+        for name, ctx in (("context", context), ("reference_context", reference_context)):
+            if ctx is not None and len(ctx) != n_layers:
+                raise ValueError(f"{name} has {len(ctx)} layers, the model has {n_layers}")
+        # 1-2. Patchify and embed conditions
+        x, temb, timestep_proj, text, grid = self._embed(
+            hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image
+        )
+        f, h, w = grid
+        pos = grid_positions(b, f, h, w, frame_start=frame_start, device=x.device)  # (B, N, 3)
+        cos, sin = rope_cos_sin(pos, self.head_dim)
+        ios = [
+            _LayerIO(
+                cos=cos,
+                sin=sin,
+                pos=pos,
+                context=None if context is None else context[i],
+                reference=None if reference_context is None else reference_context[i],
+                want_kv=return_kv,
+                want_mass=return_attention_mass,
+            )
+            for i in range(n_layers)
+        ]
+        # 3. Transformer blocks over [context + chunk]
+        x = self._run_blocks(x, text, timestep_proj, ios)
+        # 4. Output
+        out = self._unpatchify(x, temb, grid)
+        return ChunkOutput(
+            sample=out,
+            kv=[io.kv for io in ios] if return_kv else None,  # type: ignore[misc]
+            attention_mass=[io.mass for io in ios] if return_attention_mass else None,  # type: ignore[misc]
+            memory_outputs=[io.memory_output for io in ios] if reference_context is not None else None,  # type: ignore[misc]
+        )
