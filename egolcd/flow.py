@@ -1,0 +1,545 @@
+"""Flow matching (rectified flow) as in Wan2.1: schedule, training helpers and samplers.
+
+Convention (METHOD.md, "Objective"):
+
+* ``t`` in [0, 1] is the noise level (``sigma``): ``x_t = (1 - t) * x0 + t * eps``.
+* The model predicts the velocity ``v = eps - x0``; so ``x0 = x_t - t * v``.
+* The transformer itself is called with ``timestep = t * 1000`` (:func:`to_model_timestep`).
+* Wan's timestep shift ``shift * t / (1 + (shift - 1) * t)`` moves steps toward high noise.
+
+Samplers follow k-diffusion: plain functions with one signature,
+``sampler(denoiser, x, sigmas, *, callback=None, disable_progress=True, generator=None)``,
+where ``denoiser(x, t) -> v`` is any callable (the model wrapped; never reached into) and
+``sigmas`` (num_steps + 1,) is a descending schedule, usually from :func:`get_sigmas`. Samplers
+run under the caller's grad mode: wrap inference in ``torch.inference_mode()``.
+
+    >>> import torch
+    >>> sigmas = get_sigmas(4, shift=1.0)
+    >>> sigmas.tolist()
+    [1.0, 0.75, 0.5, 0.25, 0.0]
+    >>> x0 = torch.ones(1, 1, 1, 1, 1)
+    >>> out = sample_euler(lambda x, t: (x - x0) / t.view(-1, 1, 1, 1, 1), torch.zeros_like(x0), sigmas)
+    >>> torch.allclose(out, x0)
+    True
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Callable
+from typing import Any, Literal, Protocol
+
+import numpy as np
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from torch import Tensor
+from tqdm.auto import trange
+
+logger = logging.getLogger(__name__)
+
+NUM_TRAIN_TIMESTEPS = 1000
+"""Wan's ``num_train_timesteps``: the transformer sees ``timestep = t * 1000``."""
+
+_T_EPS = 1e-5  # training timesteps are drawn from [_T_EPS, 1 - _T_EPS] before the shift
+
+Denoiser = Callable[[Tensor, Tensor], Tensor]
+"""``denoiser(x, t) -> v``: x (B, C, F, H, W), t (B,) noise level in [0, 1]; returns v like x."""
+
+Callback = Callable[[int, Tensor, Tensor], None]
+"""``callback(i, x, denoised)``: step index, the sample entering step i and its x0 prediction."""
+
+
+class Sampler(Protocol):
+    """The one signature all samplers share (see :func:`sample_euler` for the arguments)."""
+
+    def __call__(
+        self,
+        denoiser: Denoiser,
+        x: Tensor,
+        sigmas: Tensor,
+        *,
+        callback: Callback | None = None,
+        disable_progress: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> Tensor: ...
+
+
+# --------------------------------------------------------------------------- schedule
+
+
+def to_model_timestep(t: Tensor | float) -> Tensor:
+    """Wan's transformer timestep for noise level ``t``: ``t * 1000`` (float, not rounded)."""
+    return torch.as_tensor(t) * NUM_TRAIN_TIMESTEPS
+
+
+def shift_sigmas(t: Tensor | float, shift: float) -> Tensor:
+    """Wan's timestep shift ``shift * t / (1 + (shift - 1) * t)``; maps [0, 1] onto itself, monotone.
+
+    Args:
+        t: noise levels, any shape.
+        shift: > 0; 1.0 is the identity, > 1 spends more steps at high noise (Wan2.1: 5.0, or 3.0).
+    """
+    if shift <= 0:
+        raise ValueError(f"shift must be > 0, got {shift}")
+    t = torch.as_tensor(t)
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def get_sigmas(num_steps: int, shift: float = 5.0, device: torch.device | str | None = None) -> Tensor:
+    """The sampling schedule of Wan2.1: ``linspace(1, 0, num_steps + 1)``, shifted.
+
+    Args:
+        num_steps: number of model evaluations of a first-order sampler (>= 1).
+        shift: see :func:`shift_sigmas`.
+        device: where the schedule lives.
+
+    Returns:
+        (num_steps + 1,) float32, strictly descending, ``sigmas[0] == 1`` and ``sigmas[-1] == 0``.
+    """
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    t = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
+    return shift_sigmas(t, shift).to(device=device, dtype=torch.float32)
+
+
+# --------------------------------------------------------------------------- training helpers
+
+
+def _expand_t(t: Tensor | float, x: Tensor) -> Tensor:
+    """Broadcast noise levels ``t`` scalar, (B,) or (B, F) over ``x`` (B, C, F, H, W) (or (B, ...))."""
+    t = torch.as_tensor(t, device=x.device)
+    if t.ndim == 0:
+        return t
+    if t.ndim == 1:
+        if t.shape[0] not in (1, x.shape[0]):
+            raise ValueError(f"t of shape {tuple(t.shape)} does not match batch {x.shape[0]}")
+        return t.view(-1, *([1] * (x.ndim - 1)))
+    if t.ndim == 2:
+        if x.ndim != 5 or t.shape[1] != x.shape[2] or t.shape[0] not in (1, x.shape[0]):
+            raise ValueError(
+                f"per-frame t {tuple(t.shape)} needs a (B, C, F, H, W) latent, got {tuple(x.shape)}"
+            )
+        return t[:, None, :, None, None]
+    raise ValueError(f"t must be a scalar, (B,) or (B, F), got shape {tuple(t.shape)}")
+
+
+def expand_chunk_timesteps(t: Tensor, chunk_frames: int) -> Tensor:
+    """Per-chunk noise levels (B, num_chunks) -> per-frame (B, num_chunks * chunk_frames)."""
+    return t.repeat_interleave(chunk_frames, dim=1)
+
+
+def sample_training_timesteps(
+    shape: int | tuple[int, ...],
+    *,
+    shift: float = 5.0,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    distribution: Literal["uniform", "logit_normal"] = "uniform",
+) -> Tensor:
+    """Draw training noise levels ``t`` in (0, 1), shifted like the sampling schedule.
+
+    ``u`` is drawn uniformly or logit-normally (``sigmoid(N(0, 1))``, SD3), kept in
+    [1e-5, 1 - 1e-5], and mapped through :func:`shift_sigmas`.
+
+    Args:
+        shape: (B,) for one level per sample; (B, num_chunks) for per-chunk levels
+            (diffusion forcing; expand with :func:`expand_chunk_timesteps`).
+        shift: see :func:`shift_sigmas`; 1.0 draws ``u`` unchanged.
+        generator: for reproducible draws (on ``device``'s type, as torch requires).
+        device: where the result lives.
+        distribution: "uniform" or "logit_normal".
+
+    Returns:
+        float32 tensor of ``shape``.
+    """
+    if isinstance(shape, int):
+        shape = (shape,)
+    if distribution == "uniform":
+        u = torch.rand(shape, generator=generator, device=device)
+    elif distribution == "logit_normal":
+        u = torch.sigmoid(torch.randn(shape, generator=generator, device=device))
+    else:
+        raise ValueError(f"unknown timestep distribution {distribution!r}; use 'uniform' or 'logit_normal'")
+    u = u.clamp(_T_EPS, 1.0 - _T_EPS)
+    return shift_sigmas(u, shift).float()
+
+
+def add_noise(x0: Tensor, eps: Tensor, t: Tensor | float) -> Tensor:
+    """``x_t = (1 - t) * x0 + t * eps``.
+
+    Args:
+        x0: clean latent (B, C, F, H, W).
+        eps: standard normal noise like ``x0``.
+        t: scalar, (B,) or per-frame (B, F) noise levels.
+    """
+    t = _expand_t(t, x0).to(x0.dtype)
+    return (1 - t) * x0 + t * eps
+
+
+def velocity_target(x0: Tensor, eps: Tensor) -> Tensor:
+    """The flow-matching target ``v = eps - x0`` (same shape as ``x0``)."""
+    return eps - x0
+
+
+def predict_x0(x_t: Tensor, v: Tensor, t: Tensor | float) -> Tensor:
+    """Clean estimate from a velocity: ``x0 = x_t - t * v``; t scalar, (B,) or (B, F)."""
+    return x_t - _expand_t(t, x_t).to(x_t.dtype) * v
+
+
+def flow_matching_loss(
+    v_pred: Tensor,
+    x0: Tensor,
+    eps: Tensor,
+    weight: Tensor | None = None,
+    frame_mask: Tensor | None = None,
+) -> Tensor:
+    """Mean squared error between ``v_pred`` and ``eps - x0``, computed in float32.
+
+    The squared error is averaged over (C, H, W) per frame, then over the selected frames:
+    ``sum(mask * w * L) / sum(mask)``.
+
+    Args:
+        v_pred: predicted velocity (B, C, F, H, W).
+        x0: clean latent (B, C, F, H, W).
+        eps: noise (B, C, F, H, W).
+        weight: optional per-sample (B,) or per-frame (B, F) loss weights.
+        frame_mask: optional bool (B, F); only frames where it is True count (e.g. the noisy
+            current chunk, not the clean context). An all-False mask gives 0 (with a graph).
+
+    Returns:
+        scalar loss.
+    """
+    if v_pred.shape != x0.shape or eps.shape != x0.shape:
+        raise ValueError(
+            f"shapes differ: v_pred {tuple(v_pred.shape)}, x0 {tuple(x0.shape)}, eps {tuple(eps.shape)}"
+        )
+    if v_pred.ndim != 5:
+        raise ValueError(f"expected (B, C, F, H, W) latents, got {tuple(v_pred.shape)}")
+    err = (v_pred.float() - velocity_target(x0.float(), eps.float())).square()
+    per_frame = err.mean(dim=(1, 3, 4))  # (B, F)
+    if weight is not None:
+        weight = weight.to(per_frame)
+        if weight.ndim == 1:
+            weight = weight[:, None]
+        if weight.ndim != 2:
+            raise ValueError(f"weight must be (B,) or (B, F), got {tuple(weight.shape)}")
+        per_frame = per_frame * weight
+    if frame_mask is None:
+        return per_frame.mean()
+    if frame_mask.shape != per_frame.shape:
+        raise ValueError(
+            f"frame_mask must be (B, F) = {tuple(per_frame.shape)}, got {tuple(frame_mask.shape)}"
+        )
+    mask = frame_mask.to(device=per_frame.device, dtype=torch.bool)
+    count = mask.sum()
+    return torch.where(mask, per_frame, torch.zeros_like(per_frame)).sum() / count.clamp_min(1)
+
+
+# --------------------------------------------------------------------------- guidance
+
+
+def cfg_denoiser(cond: Denoiser, uncond: Denoiser, guidance: float) -> Denoiser:
+    """Classifier-free guidance as a denoiser: ``uncond + guidance * (cond - uncond)``.
+
+    ``guidance == 1`` returns ``cond`` itself (``uncond`` is never called); ``guidance == 0``
+    returns ``uncond``. Otherwise both are evaluated once per call.
+    """
+    if guidance == 1.0:
+        return cond
+    if guidance == 0.0:
+        return uncond
+
+    def guided(x: Tensor, t: Tensor) -> Tensor:
+        v_uncond = uncond(x, t)
+        return v_uncond + guidance * (cond(x, t) - v_uncond)
+
+    return guided
+
+
+# --------------------------------------------------------------------------- native samplers
+
+
+def _check_sigmas(x: Tensor, sigmas: Tensor) -> Tensor:
+    sigmas = torch.as_tensor(sigmas, device=x.device, dtype=torch.float32)
+    if sigmas.ndim != 1 or sigmas.numel() < 2:
+        raise ValueError(f"sigmas must be 1-D with >= 2 entries, got shape {tuple(sigmas.shape)}")
+    if not bool((sigmas[1:] < sigmas[:-1]).all()):
+        raise ValueError("sigmas must be strictly descending")
+    return sigmas
+
+
+def _t_batch(sigma: Tensor, x: Tensor) -> Tensor:
+    return sigma.expand(x.shape[0])
+
+
+def sample_euler(
+    denoiser: Denoiser,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    callback: Callback | None = None,
+    disable_progress: bool = True,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Euler on the flow ODE: ``x_{i+1} = x_i + (s_{i+1} - s_i) * v(x_i, s_i)``.
+
+    Args:
+        denoiser: ``(x, t) -> v``.
+        x: start sample at noise level ``sigmas[0]`` (B, C, F, H, W); pure noise when ``sigmas[0] == 1``.
+        sigmas: (num_steps + 1,) strictly descending noise levels.
+        callback: ``callback(i, x_i, denoised_i)`` after each model evaluation.
+        disable_progress: hide the tqdm bar.
+        generator: unused (deterministic); accepted for the shared signature.
+
+    Returns:
+        the sample at ``sigmas[-1]``, like ``x``.
+    """
+    sigmas = _check_sigmas(x, sigmas)
+    for i in trange(len(sigmas) - 1, disable=disable_progress, desc="euler"):
+        v = denoiser(x, _t_batch(sigmas[i], x))
+        if callback is not None:
+            callback(i, x, predict_x0(x, v, sigmas[i]))
+        x = x + (sigmas[i + 1] - sigmas[i]).to(x.dtype) * v
+    return x
+
+
+def sample_heun(
+    denoiser: Denoiser,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    callback: Callback | None = None,
+    disable_progress: bool = True,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Heun (2nd order, trapezoidal corrector); a plain Euler step on a last step to 0.
+
+    Costs two model evaluations per step except the last-to-zero one. Arguments as
+    :func:`sample_euler`.
+    """
+    sigmas = _check_sigmas(x, sigmas)
+    for i in trange(len(sigmas) - 1, disable=disable_progress, desc="heun"):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        v = denoiser(x, _t_batch(s, x))
+        if callback is not None:
+            callback(i, x, predict_x0(x, v, s))
+        dt = (s_next - s).to(x.dtype)
+        x_euler = x + dt * v
+        if float(s_next) == 0.0:
+            x = x_euler
+        else:
+            v_next = denoiser(x_euler, _t_batch(s_next, x))
+            x = x + dt * 0.5 * (v + v_next)
+    return x
+
+
+# --------------------------------------------------------------------------- diffusers schedulers
+
+_SCHEDULERS: dict[str, type[SchedulerMixin]] = {
+    "unipc": UniPCMultistepScheduler,
+    "flow_euler": FlowMatchEulerDiscreteScheduler,
+}
+
+
+def make_scheduler(name: str, num_steps: int, shift: float = 5.0) -> SchedulerMixin:
+    """A diffusers flow scheduler configured as Wan2.1's pipeline does, with timesteps set.
+
+    ``"unipc"``: ``UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+    flow_shift=shift)``; ``"flow_euler"``: ``FlowMatchEulerDiscreteScheduler(shift=shift)``. Save it
+    with ``scheduler.save_pretrained(dir)`` (diffusers layout) and read it back with
+    :func:`load_scheduler`.
+    """
+    if name == "unipc":
+        scheduler: SchedulerMixin = UniPCMultistepScheduler(
+            num_train_timesteps=NUM_TRAIN_TIMESTEPS,
+            prediction_type="flow_prediction",
+            use_flow_sigmas=True,
+            flow_shift=shift,
+            solver_order=2,
+            final_sigmas_type="zero",
+        )
+    elif name == "flow_euler":
+        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, shift=shift)
+    else:
+        raise ValueError(f"unknown scheduler {name!r}; choose one of {sorted(_SCHEDULERS)}")
+    scheduler.set_timesteps(num_steps)
+    return scheduler
+
+
+def load_scheduler(directory: str) -> SchedulerMixin:
+    """Load a scheduler saved by ``save_pretrained`` (``scheduler_config.json``); local path or hub id."""
+    config = UniPCMultistepScheduler.load_config(directory)  # generic ConfigMixin reader
+    cls_name = config.get("_class_name")
+    for cls in _SCHEDULERS.values():
+        if cls.__name__ == cls_name:
+            return cls.from_config(config)
+    raise ValueError(f"unsupported scheduler class {cls_name!r} in {directory}")
+
+
+# Config keys that would transform sigmas handed to ``set_timesteps(sigmas=...)``; neutralised so the
+# given (already shifted) schedule is used as is.
+_NEUTRAL = {
+    "shift": 1.0,
+    "flow_shift": 1.0,
+    "use_dynamic_shifting": False,
+    "shift_terminal": None,
+    "use_karras_sigmas": False,
+    "use_exponential_sigmas": False,
+    "use_beta_sigmas": False,
+    "invert_sigmas": False,
+}
+
+
+def _infer_shift(sigmas: Tensor) -> float:
+    """Recover ``shift`` of a :func:`get_sigmas` schedule (fallback for schedulers without ``sigmas=``)."""
+    n = len(sigmas) - 1
+    u, s = 1.0 - 1.0 / n, float(sigmas[1])
+    shift = s * (1 - u) / (u * (1 - s)) if n > 1 else 1.0
+    if not torch.allclose(get_sigmas(n, shift).to(sigmas), sigmas, atol=1e-4):
+        raise ValueError(
+            "this diffusers scheduler cannot take custom sigmas and the given schedule is not get_sigmas(n, shift)"
+        )
+    return shift
+
+
+def _prepare_scheduler(scheduler: SchedulerMixin, sigmas: Tensor) -> SchedulerMixin:
+    if float(sigmas[-1]) != 0.0:
+        raise ValueError("diffusers-backed samplers need a schedule that ends at 0")
+    config = dict(scheduler.config)
+    config.update({k: v for k, v in _NEUTRAL.items() if k in config})
+    if "sigmas" in inspect.signature(type(scheduler).set_timesteps).parameters:
+        sched = type(scheduler).from_config(config)
+        sched.set_timesteps(sigmas=np.asarray(sigmas[:-1].cpu(), dtype=np.float32), device=sigmas.device)
+    else:  # older diffusers: rebuild the schedule from (num_steps, shift); close to, not equal to, sigmas
+        shift = _infer_shift(sigmas)
+        logger.warning(
+            "%s.set_timesteps has no sigmas=; using num_steps and shift=%.3f", type(scheduler).__name__, shift
+        )
+        config.update({"shift": shift} if "shift" in config else {"flow_shift": shift})
+        sched = type(scheduler).from_config(config)
+        sched.set_timesteps(len(sigmas) - 1, device=sigmas.device)
+    sched.set_begin_index(0)  # step by position, not by looking up (possibly rounded) timesteps
+    return sched
+
+
+def sampler_from_scheduler(scheduler: SchedulerMixin) -> Sampler:
+    """A sampler with the shared signature that runs a diffusers flow scheduler's update rule.
+
+    Each call builds a fresh scheduler from ``scheduler.config`` with its own shifting turned off
+    (``shift``/``flow_shift`` = 1, no dynamic/terminal shift, no karras/exponential/beta sigmas) and
+    sets the given ``sigmas[:-1]`` through ``set_timesteps(sigmas=...)``; the scheduler appends the
+    final 0. So the schedule is the caller's, exactly (UniPC nudges a leading 1.0 to 1 - 1e-6 to
+    avoid log(0)). Diffusers versions whose ``set_timesteps`` lacks ``sigmas=`` fall back to
+    ``set_timesteps(num_steps)`` with the shift inferred from ``sigmas`` (which must then come from
+    :func:`get_sigmas`), logging a warning. The denoiser gets the scheduler's float sigma as ``t``
+    (not its integer timestep), and ``sigmas`` must end at 0.
+    """
+
+    def sample(
+        denoiser: Denoiser,
+        x: Tensor,
+        sigmas: Tensor,
+        *,
+        callback: Callback | None = None,
+        disable_progress: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        sigmas_ = _check_sigmas(x, sigmas)
+        sched = _prepare_scheduler(scheduler, sigmas_)
+        step_kwargs: dict[str, Any] = {}
+        if "generator" in inspect.signature(sched.step).parameters:
+            step_kwargs["generator"] = generator
+        run_sigmas = sched.sigmas.to(device=x.device, dtype=torch.float32)
+        for i in trange(len(sched.timesteps), disable=disable_progress, desc=type(sched).__name__):
+            t = run_sigmas[i]
+            v = denoiser(x, _t_batch(t, x))
+            if callback is not None:
+                callback(i, x, predict_x0(x, v, t))
+            x = sched.step(v, sched.timesteps[i], x, return_dict=False, **step_kwargs)[0]
+        return x
+
+    return sample
+
+
+_default_unipc = sampler_from_scheduler(make_scheduler("unipc", 1, shift=1.0))
+_default_flow_euler = sampler_from_scheduler(make_scheduler("flow_euler", 1, shift=1.0))
+
+
+def sample_unipc(
+    denoiser: Denoiser,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    callback: Callback | None = None,
+    disable_progress: bool = True,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """UniPC (bh2, order 2, as Wan2.1) via diffusers' ``UniPCMultistepScheduler`` on the given sigmas.
+
+    One model evaluation per step. See :func:`sampler_from_scheduler` for how ``sigmas`` reach the
+    scheduler; other arguments as :func:`sample_euler`.
+    """
+    return _default_unipc(
+        denoiser, x, sigmas, callback=callback, disable_progress=disable_progress, generator=generator
+    )
+
+
+def sample_flow_euler_diffusers(
+    denoiser: Denoiser,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    callback: Callback | None = None,
+    disable_progress: bool = True,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Euler via diffusers' ``FlowMatchEulerDiscreteScheduler`` on the given sigmas (cross-check of
+    :func:`sample_euler`). See :func:`sampler_from_scheduler`; arguments as :func:`sample_euler`."""
+    return _default_flow_euler(
+        denoiser, x, sigmas, callback=callback, disable_progress=disable_progress, generator=generator
+    )
+
+
+SAMPLERS: dict[str, Sampler] = {
+    "euler": sample_euler,
+    "heun": sample_heun,
+    "unipc": sample_unipc,
+    "flow_euler": sample_flow_euler_diffusers,
+}
+
+
+def get_sampler(name: str) -> Sampler:
+    """Look up a sampler in :data:`SAMPLERS` by name."""
+    try:
+        return SAMPLERS[name]
+    except KeyError:
+        raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(sorted(SAMPLERS))}") from None
+
+
+__all__ = [
+    "NUM_TRAIN_TIMESTEPS",
+    "SAMPLERS",
+    "Callback",
+    "Denoiser",
+    "Sampler",
+    "add_noise",
+    "cfg_denoiser",
+    "expand_chunk_timesteps",
+    "flow_matching_loss",
+    "get_sampler",
+    "get_sigmas",
+    "load_scheduler",
+    "make_scheduler",
+    "predict_x0",
+    "sample_euler",
+    "sample_flow_euler_diffusers",
+    "sample_heun",
+    "sample_training_timesteps",
+    "sample_unipc",
+    "sampler_from_scheduler",
+    "shift_sigmas",
+    "to_model_timestep",
+    "velocity_target",
+]

@@ -1,0 +1,451 @@
+"""EgoLCD memory: short-term window, Long-Term Sparse KV Cache, and the one ``MemoryPolicy``.
+
+The attention context of chunk ``i`` is, per layer and in this order (METHOD.md)::
+
+    [long-term retrieved sparse KV] + [sink: first chunk] + [short-term window: last W chunks] + [chunk i]
+
+Memory holds keys *before* rotary encoding with absolute ``(frame, row, col)`` positions. When a context
+is read, frame positions are re-indexed: the window keeps its offsets to the current chunk, the sink and
+the retrieved entries occupy chunk-sized slots just before the window, and the earliest slot starts at
+frame 0. The largest frame position is therefore ``(slots + window + 1) * chunk_frames - 1`` whatever the
+video length. (``dense`` keeps everything in the window, so its positions are the absolute ones.)
+
+The same ``MemoryPolicy`` drives training (teacher forcing over a clip) and inference (``pipeline``):
+``context()`` says what a chunk sees, ``write()`` stores the chunk after its clean (t = 0) pass.
+State is explicit (``MemoryState``), passed in and returned, and saves to safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from .attention import LayerKV
+from .config import MemoryConfig
+
+STATE_FORMAT = "egolcd-memory-state/1"
+
+
+@dataclass
+class MemoryChunk:
+    """One chunk's tokens in memory.
+
+    Args:
+        chunk: chunk index in the video. segment: narrative segment index that produced it.
+        kv: per layer, keys/values with absolute positions ``(B, n_l, heads, d)``.
+        importance: per layer ``(B, n_l)`` accumulated attention mass received from later queries.
+        embedding: ``(B, E)`` pooled prompt embedding of its segment (the long-term key).
+        retrievals: how many times a long-term entry was read (eviction order).
+    """
+
+    chunk: int
+    segment: int
+    kv: list[LayerKV]
+    importance: list[Tensor]
+    embedding: Tensor
+    retrievals: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.kv[0])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(kv.nbytes for kv in self.kv) + sum(s.numel() * s.element_size() for s in self.importance)
+
+    def keep(self, index: Tensor) -> MemoryChunk:
+        """Keep tokens ``index`` ``(B, k)`` (same indices in every layer) or a per-layer list of them."""
+        per_layer = index if isinstance(index, list) else [index] * len(self.kv)
+        return MemoryChunk(
+            chunk=self.chunk,
+            segment=self.segment,
+            kv=[kv.gather(ix) for kv, ix in zip(self.kv, per_layer)],
+            importance=[torch.gather(s, 1, ix) for s, ix in zip(self.importance, per_layer)],
+            embedding=self.embedding,
+            retrievals=self.retrievals,
+        )
+
+
+@dataclass
+class ShortTermWindow:
+    """The last ``window_chunks`` chunks, dense, plus an optional sink (the first chunk).
+
+    ``window_chunks=None`` keeps every chunk (the ``dense`` policy).
+    """
+
+    window_chunks: int | None
+    sink: bool = False
+    chunks: list[MemoryChunk] = field(default_factory=list)
+    sink_chunk: MemoryChunk | None = None
+
+    def push(self, item: MemoryChunk) -> MemoryChunk | None:
+        """Append a chunk; return the chunk that left the window (``None`` if none, or if it became the sink)."""
+        self.chunks.append(item)
+        if self.window_chunks is None or len(self.chunks) <= self.window_chunks:
+            return None
+        evicted = self.chunks.pop(0)
+        if self.sink and self.sink_chunk is None and evicted.chunk == 0:
+            self.sink_chunk = evicted
+            return None
+        return evicted
+
+    def tokens_per_layer(self) -> int:
+        items = self.chunks + ([self.sink_chunk] if self.sink_chunk is not None else [])
+        return sum(c.num_tokens for c in items)
+
+
+@dataclass
+class LongTermSparseKVCache:
+    """Repository H of (prompt embedding, sparse KV) entries (METHOD.md, "Long-Term Sparse KV Cache").
+
+    Write keeps the top ``k = ceil(keep_ratio * n)`` tokens per layer by importance (attention mass
+    received while in the window; key norm when no mass was recorded). Read ranks entries by cosine
+    similarity of pooled prompt embeddings. Budgets: at most ``max_entries`` entries and ``max_tokens``
+    tokens per layer. Eviction rule: while over a budget, the least-retrieved entry (ties: the oldest)
+    loses its lowest-importance tokens; an entry with no tokens left, or the victim of an entry-count
+    overflow, is removed whole.
+    """
+
+    keep_ratio: float
+    max_entries: int
+    max_tokens: int | None = None
+    entries: list[MemoryChunk] = field(default_factory=list)
+
+    def tokens_per_layer(self) -> int:
+        return sum(e.num_tokens for e in self.entries)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e.nbytes for e in self.entries)
+
+    @staticmethod
+    def sparsify(item: MemoryChunk, keep_ratio: float) -> MemoryChunk:
+        """Keep the ``ceil(keep_ratio * n)`` most important tokens of each layer (in time order)."""
+        index = []
+        for kv, score in zip(item.kv, item.importance):
+            n = len(kv)
+            k = max(1, math.ceil(keep_ratio * n))
+            if not bool((score > 0).any()):  # fallback: no attention mass recorded yet -> key norm
+                score = kv.key.float().flatten(2).norm(dim=-1)
+            top = torch.topk(score, k, dim=1).indices.sort(dim=1).values  # (B, k)
+            index.append(top)
+        return item.keep(index)
+
+    def _victim(self) -> int:
+        return min(range(len(self.entries)), key=lambda i: (self.entries[i].retrievals, self.entries[i].chunk))
+
+    def _enforce_budgets(self) -> None:
+        while len(self.entries) > self.max_entries:
+            self.entries.pop(self._victim())
+        if self.max_tokens is None:
+            return
+        while self.tokens_per_layer() > self.max_tokens:
+            i = self._victim()
+            entry = self.entries[i]
+            excess = self.tokens_per_layer() - self.max_tokens
+            if excess >= entry.num_tokens:
+                self.entries.pop(i)
+                continue
+            keep = entry.num_tokens - excess
+            index = [torch.topk(s, keep, dim=1).indices.sort(dim=1).values for s in entry.importance]
+            self.entries[i] = entry.keep(index)
+
+    def write(self, item: MemoryChunk) -> MemoryChunk:
+        """Sparsify a chunk leaving the window and store it; returns the stored entry."""
+        if self.max_entries == 0:
+            return item
+        entry = self.sparsify(item, self.keep_ratio)
+        self.entries.append(entry)
+        self._enforce_budgets()
+        return entry
+
+    def retrieve(
+        self,
+        query: Tensor,
+        top_m: int,
+        threshold: float | None = None,
+        forced_segments: Sequence[int] = (),
+    ) -> list[tuple[MemoryChunk, float]]:
+        """Entries to read for a prompt embedding ``query`` ``(B, E)``: top-m by cosine similarity
+        (mean over the batch), optionally thresholded, plus every entry of ``forced_segments``.
+        Returned in time order, each with its similarity."""
+        if not self.entries:
+            return []
+        keys = torch.stack([e.embedding.float() for e in self.entries], dim=1)  # (B, M, E)
+        sims = torch.nn.functional.cosine_similarity(query.float()[:, None], keys, dim=-1).mean(0)  # (M,)
+        order = torch.argsort(sims, descending=True, stable=True).tolist()
+        chosen = [i for i in order if threshold is None or sims[i] >= threshold][:top_m]
+        chosen += [i for i, e in enumerate(self.entries) if e.segment in forced_segments and i not in chosen]
+        chosen.sort(key=lambda i: self.entries[i].chunk)
+        return [(self.entries[i], float(sims[i])) for i in chosen]
+
+
+@dataclass
+class ContextSpan:
+    """Where one memory chunk sits inside a context: tokens ``[start, end)`` of every layer."""
+
+    kind: str  # "retrieved" | "sink" | "window"
+    chunk: int
+    segment: int
+    start: int
+    end: int
+    score: float | None = None
+
+
+@dataclass
+class ChunkContext:
+    """What one chunk sees: per-layer context (``None`` when empty), the chunk's frame position in the
+    context's coordinates, and the layout (for importance accounting and the memory inspector)."""
+
+    layers: list[LayerKV] | None
+    frame_start: int
+    abs_frame_start: int
+    spans: list[ContextSpan]
+    items: list[MemoryChunk]
+
+    @property
+    def tokens_per_layer(self) -> int:
+        return 0 if self.layers is None else len(self.layers[0])
+
+    def describe(self) -> list[dict]:
+        return [
+            {"kind": s.kind, "chunk": s.chunk, "segment": s.segment, "tokens": s.end - s.start, "score": s.score}
+            for s in self.spans
+        ]
+
+
+@dataclass
+class MemoryState:
+    """All memory of one generation (or one training clip): explicit, saved and restored whole."""
+
+    window: ShortTermWindow
+    store: LongTermSparseKVCache
+    chunk: int = 0  # index of the next chunk
+
+    def tokens_per_layer(self) -> int:
+        return self.window.tokens_per_layer() + self.store.tokens_per_layer()
+
+    @property
+    def nbytes(self) -> int:
+        items = self.window.chunks + ([self.window.sink_chunk] if self.window.sink_chunk else [])
+        return sum(c.nbytes for c in items) + self.store.nbytes
+
+
+class MemoryPolicy:
+    """The one object that decides, for each chunk, which past tokens are visible.
+
+    Named policies (``MemoryConfig.policy``): ``egolcd`` (window + sink + long-term sparse retrieval),
+    ``dense`` (full history), ``window`` (last W chunks), ``sink-window`` (first chunk + last W),
+    ``none`` (previous chunk only).
+    """
+
+    def __init__(self, config: MemoryConfig, chunk_frames: int) -> None:
+        self.config = config
+        self.chunk_frames = chunk_frames
+        name = config.policy
+        self.window_chunks: int | None = {"dense": None, "none": 1}.get(name, config.window_chunks)
+        self.sink = name == "sink-window" or (name == "egolcd" and config.sink)
+        self.long_term = name == "egolcd"
+
+    @classmethod
+    def from_name(cls, name: str, chunk_frames: int, base: MemoryConfig | None = None) -> MemoryPolicy:
+        base = base or MemoryConfig()
+        fields = {**base.__dict__, "policy": name}
+        return cls(MemoryConfig(**fields), chunk_frames)
+
+    @property
+    def name(self) -> str:
+        return self.config.policy
+
+    @property
+    def needs_attention_mass(self) -> bool:
+        """Importance scores are only used when chunks are sparsified into long-term memory."""
+        return self.long_term
+
+    def init_state(self) -> MemoryState:
+        c = self.config
+        max_entries = c.max_entries if self.long_term else 0
+        return MemoryState(
+            window=ShortTermWindow(self.window_chunks, self.sink),
+            store=LongTermSparseKVCache(c.keep_ratio, max_entries, c.max_tokens),
+        )
+
+    # ------------------------------------------------------------------ read
+    def context(
+        self, state: MemoryState, embedding: Tensor, revisit: Sequence[int] = (), count_retrieval: bool = True
+    ) -> ChunkContext:
+        """The context of chunk ``state.chunk``.
+
+        Args:
+            embedding: ``(B, E)`` pooled prompt embedding of the chunk's segment.
+            revisit: segment indices whose long-term entries are forced in (``revisit:`` in a narrative).
+            count_retrieval: count this read for the eviction order (off for side computations).
+        """
+        k = self.chunk_frames
+        abs_start = state.chunk * k
+        retrieved = []
+        if self.long_term and self.config.top_m + len(revisit) > 0:
+            retrieved = state.store.retrieve(embedding, self.config.top_m, self.config.threshold, revisit)
+        slots: list[tuple[str, MemoryChunk, float | None]] = [("retrieved", e, s) for e, s in retrieved]
+        sink = state.window.sink_chunk
+        if sink is not None:
+            slots.append(("sink", sink, None))
+        window = state.window.chunks
+        base = (len(slots) + len(window)) * k  # frame position of the current chunk
+        spans, parts_per_item, items, offset = [], [], [], 0
+        for i, (kind, item, score) in enumerate(slots):  # slot i starts at frame i * k
+            spans.append(ContextSpan(kind, item.chunk, item.segment, offset, offset + item.num_tokens, score))
+            parts_per_item.append(i * k - item.chunk * k)
+            items.append(item)
+            offset += item.num_tokens
+            if kind == "retrieved" and count_retrieval:
+                item.retrievals += 1
+        for item in window:  # the window keeps its offsets to the current chunk
+            spans.append(ContextSpan("window", item.chunk, item.segment, offset, offset + item.num_tokens))
+            parts_per_item.append(base - abs_start)
+            items.append(item)
+            offset += item.num_tokens
+        layers = None
+        if items:
+            n_layers = len(items[0].kv)
+            layers = [
+                LayerKV.cat([it.kv[layer].shift_frames(d) for it, d in zip(items, parts_per_item)])
+                for layer in range(n_layers)
+            ]
+        return ChunkContext(layers, base, abs_start, spans, items)
+
+    def reference_context(self, history: Sequence[MemoryChunk], ctx: ChunkContext) -> list[LayerKV] | None:
+        """The full clean history (every earlier chunk, dense) in ``ctx``'s coordinates (MR loss)."""
+        if not history:
+            return None
+        shift = ctx.frame_start - ctx.abs_frame_start
+        n_layers = len(history[0].kv)
+        return [LayerKV.cat([h.kv[layer].shift_frames(shift) for h in history]) for layer in range(n_layers)]
+
+    # ------------------------------------------------------------------ write
+    def write(
+        self,
+        state: MemoryState,
+        ctx: ChunkContext,
+        kv: list[LayerKV],
+        embedding: Tensor,
+        segment: int,
+        attention_mass: list[Tensor] | None = None,
+    ) -> MemoryChunk:
+        """Store chunk ``state.chunk`` after its clean pass and advance the state.
+
+        Args:
+            ctx: the context the clean pass read (its layout maps ``attention_mass`` back to chunks).
+            kv: per layer, the chunk's keys/values in ``ctx`` coordinates (``ChunkOutput.kv``).
+            embedding: ``(B, E)`` pooled embedding of the chunk's segment prompt.
+            attention_mass: per layer ``(B, T_ctx)`` mass each context token received (importance).
+        """
+        if attention_mass is not None:
+            for span, item in zip(ctx.spans, ctx.items):
+                for layer, mass in enumerate(attention_mass):
+                    item.importance[layer] = item.importance[layer] + mass[:, span.start : span.end].float()
+        shift = ctx.abs_frame_start - ctx.frame_start
+        stored = [layer_kv.detach().shift_frames(shift) for layer_kv in kv]
+        item = MemoryChunk(
+            chunk=state.chunk,
+            segment=segment,
+            kv=stored,
+            importance=[torch.zeros(s.key.shape[:2], device=s.key.device) for s in stored],
+            embedding=embedding.detach(),
+        )
+        evicted = state.window.push(item)
+        if evicted is not None and self.long_term:
+            state.store.write(evicted)
+        state.chunk += 1
+        return item
+
+    # ------------------------------------------------------------------ save / load
+    def save_state(self, state: MemoryState, path: str | Path, extra: dict | None = None) -> None:
+        """Write the whole memory to one safetensors file (tensors + a JSON layout in its metadata)."""
+        tensors: dict[str, Tensor] = {}
+        groups = {
+            "window": state.window.chunks,
+            "sink": [state.window.sink_chunk] if state.window.sink_chunk is not None else [],
+            "store": state.store.entries,
+        }
+        layout: dict[str, list[dict]] = {}
+        for group, items in groups.items():
+            layout[group] = []
+            for j, item in enumerate(items):
+                p = f"{group}.{j}"
+                tensors[f"{p}.embedding"] = item.embedding.contiguous()
+                for layer, (kv, score) in enumerate(zip(item.kv, item.importance)):
+                    tensors[f"{p}.{layer}.key"] = kv.key.contiguous()
+                    tensors[f"{p}.{layer}.value"] = kv.value.contiguous()
+                    tensors[f"{p}.{layer}.pos"] = kv.pos.clone()  # layers may share one tensor
+                    tensors[f"{p}.{layer}.importance"] = score.contiguous()
+                layout[group].append(
+                    {"chunk": item.chunk, "segment": item.segment, "retrievals": item.retrievals,
+                     "layers": len(item.kv)}
+                )
+        meta = {
+            "format": STATE_FORMAT,
+            "policy": self.name,
+            "config": json.dumps(self.config.__dict__),
+            "chunk_frames": str(self.chunk_frames),
+            "next_chunk": str(state.chunk),
+            "layout": json.dumps(layout),
+            "extra": json.dumps(extra or {}),
+        }
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(tensors, str(tmp), metadata=meta)
+        tmp.replace(path)  # atomic: a crash never leaves a half-written state
+
+    def load_state(self, path: str | Path, device: torch.device | str = "cpu") -> tuple[MemoryState, dict]:
+        """Read a state written by ``save_state`` (same policy and chunk size, else ``ValueError``)."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"memory state not found: {path}")
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        if meta.get("format") != STATE_FORMAT:
+            raise ValueError(f"{path} is not an egolcd memory state")
+        if meta["policy"] != self.name or int(meta["chunk_frames"]) != self.chunk_frames:
+            raise ValueError(
+                f"memory state {path} was made with policy {meta['policy']!r}, chunk_frames {meta['chunk_frames']}; "
+                f"this run uses {self.name!r}, {self.chunk_frames}"
+            )
+        tensors = load_file(str(path), device=str(device))
+        layout = json.loads(meta["layout"])
+
+        def build(group: str) -> list[MemoryChunk]:
+            out = []
+            for j, info in enumerate(layout[group]):
+                p = f"{group}.{j}"
+                out.append(
+                    MemoryChunk(
+                        chunk=info["chunk"],
+                        segment=info["segment"],
+                        retrievals=info["retrievals"],
+                        embedding=tensors[f"{p}.embedding"],
+                        kv=[
+                            LayerKV(tensors[f"{p}.{i}.key"], tensors[f"{p}.{i}.value"], tensors[f"{p}.{i}.pos"])
+                            for i in range(info["layers"])
+                        ],
+                        importance=[tensors[f"{p}.{i}.importance"] for i in range(info["layers"])],
+                    )
+                )
+            return out
+
+        state = self.init_state()
+        state.window.chunks = build("window")
+        sink = build("sink")
+        state.window.sink_chunk = sink[0] if sink else None
+        state.store.entries = build("store")
+        state.chunk = int(meta["next_chunk"])
+        return state, json.loads(meta.get("extra", "{}"))

@@ -1,0 +1,291 @@
+"""EgoLCD memory: window, Long-Term Sparse KV Cache, MemoryPolicy, state round trip, losses, LoRA."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from egolcd.attention import LayerKV
+from egolcd.config import MEMORY_POLICIES, PRESETS, MemoryConfig
+from egolcd.lora import LoRAConfig, attach_lora, load_lora, merge_lora, save_lora, trainable_parameters
+from egolcd.losses import LossWeights, memory_regulation_loss, teacher_forcing_loss
+from egolcd.memory import LongTermSparseKVCache, MemoryChunk, MemoryPolicy
+from egolcd.transformer import EgoLCDTransformer3DModel
+
+TINY = PRESETS["tiny"].transformer
+K = TINY["chunk_frames"]
+HEADS, HEAD_DIM, LAYERS = TINY["num_attention_heads"], TINY["attention_head_dim"], TINY["num_layers"]
+
+
+def fake_kv(n=8, chunk=0, b=1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    pos = torch.stack([torch.full((n,), chunk * K), torch.arange(n), torch.zeros(n, dtype=torch.long)], -1)
+    return LayerKV(
+        torch.randn(b, n, HEADS, HEAD_DIM, generator=g),
+        torch.randn(b, n, HEADS, HEAD_DIM, generator=g),
+        pos[None].expand(b, -1, -1).clone(),
+    )
+
+
+def fake_chunk(chunk, embedding, n=8, importance=None):
+    kvs = [fake_kv(n, chunk, seed=chunk * 10 + i) for i in range(LAYERS)]
+    imp = [importance.clone() if importance is not None else torch.zeros(1, n) for _ in range(LAYERS)]
+    return MemoryChunk(chunk=chunk, segment=chunk, kv=kvs, importance=imp, embedding=embedding)
+
+
+def unit(v):
+    v = torch.tensor(v, dtype=torch.float32)[None]
+    return v / v.norm()
+
+
+# ----------------------------------------------------------------------------- long-term store
+def test_top_k_keeps_the_highest_importance_tokens():
+    imp = torch.tensor([[0.1, 0.9, 0.0, 0.5, 0.2, 0.8, 0.3, 0.05]])
+    item = fake_chunk(0, unit([1, 0]), importance=imp)
+    kept = LongTermSparseKVCache.sparsify(item, keep_ratio=0.25)  # ceil(0.25 * 8) = 2
+    assert kept.num_tokens == math.ceil(0.25 * 8)
+    for layer in range(LAYERS):
+        assert kept.kv[layer].pos[0, :, 1].tolist() == [1, 5]  # tokens 1 and 5, in time order
+        assert torch.equal(kept.kv[layer].key, item.kv[layer].key[:, [1, 5]])
+
+
+def test_key_norm_fallback_without_attention_mass():
+    item = fake_chunk(0, unit([1, 0]))
+    kept = LongTermSparseKVCache.sparsify(item, keep_ratio=0.5)
+    norms = item.kv[0].key.flatten(2).norm(dim=-1)[0]
+    expected = sorted(torch.topk(norms, 4).indices.tolist())
+    assert kept.kv[0].pos[0, :, 1].tolist() == expected
+
+
+def test_retrieval_returns_expected_entries_for_hand_built_embeddings():
+    store = LongTermSparseKVCache(keep_ratio=0.5, max_entries=10)
+    sink_e, stove_e, shelf_e = unit([1, 0, 0]), unit([0, 1, 0]), unit([0, 0, 1])
+    for c, e in enumerate([sink_e, stove_e, shelf_e, unit([0.9, 0.1, 0])]):
+        store.write(fake_chunk(c, e))
+    got = store.retrieve(unit([1, 0.05, 0]), top_m=2)
+    assert [e.chunk for e, _ in got] == [0, 3]  # the two sink-like entries, in time order
+    assert got[0][1] > 0.99
+    # threshold drops weak matches; forced segments come in regardless
+    got = store.retrieve(unit([0, 1, 0]), top_m=3, threshold=0.5)
+    assert [e.chunk for e, _ in got] == [1]
+    got = store.retrieve(unit([0, 1, 0]), top_m=1, forced_segments=[2])
+    assert [e.chunk for e, _ in got] == [1, 2]
+
+
+def test_budgets_hold_over_500_chunks():
+    cfg = MemoryConfig(policy="egolcd", window_chunks=2, keep_ratio=0.25, top_m=2, max_entries=6, max_tokens=10)
+    policy = MemoryPolicy(cfg, chunk_frames=K)
+    state = policy.init_state()
+    n_tok = 8
+    for c in range(500):
+        emb = unit([math.cos(c), math.sin(c)])
+        ctx = policy.context(state, emb)
+        assert ctx.tokens_per_layer <= 10 + 1 * n_tok + 2 * n_tok  # long-term + sink + window
+        kv = [fake_kv(n_tok, 0, seed=c).shift_frames(ctx.frame_start) for _ in range(LAYERS)]
+        mass = [torch.rand(1, ctx.tokens_per_layer) for _ in range(LAYERS)] if ctx.layers else None
+        policy.write(state, ctx, kv, emb, segment=c % 7, attention_mass=mass)
+        assert len(state.store.entries) <= 6
+        assert state.store.tokens_per_layer() <= 10
+        if ctx.layers is not None:  # positions stay bounded whatever the length
+            assert int(ctx.layers[0].pos[..., 0].max()) < (2 + 1 + 2 + 1) * K
+    assert state.chunk == 500 and state.window.sink_chunk is not None
+
+
+# ----------------------------------------------------------------------------- policies
+def run_policy(name, n_chunks=12, n_tok=8):
+    policy = MemoryPolicy.from_name(name, K, MemoryConfig(window_chunks=2, keep_ratio=0.25, top_m=2, max_entries=4))
+    state = policy.init_state()
+    sizes = []
+    for c in range(n_chunks):
+        emb = unit([1.0, float(c)])
+        ctx = policy.context(state, emb)
+        sizes.append(ctx.tokens_per_layer)
+        kv = [fake_kv(n_tok, 0, seed=c).shift_frames(ctx.frame_start) for _ in range(LAYERS)]
+        policy.write(state, ctx, kv, emb, segment=c)
+    return sizes, ctx
+
+
+def test_named_policies_visible_tokens():
+    n = 8
+    dense, _ = run_policy("dense")
+    assert dense == [c * n for c in range(12)]
+    window, _ = run_policy("window")
+    assert window == [0, n] + [2 * n] * 10
+    none, _ = run_policy("none")
+    assert none == [0] + [n] * 11
+    sink, ctx = run_policy("sink-window")
+    assert sink == [0, n, 2 * n] + [3 * n] * 9
+    assert [s.kind for s in ctx.spans] == ["sink", "window", "window"]
+    ego, ctx = run_policy("egolcd")
+    k = math.ceil(0.25 * n)
+    assert ego[:3] == [0, n, 2 * n] and ego[3] == 3 * n  # chunk 0 became the sink
+    assert ego[-1] == 2 * k + 3 * n  # 2 retrieved sparse entries + sink + window
+    assert [s.kind for s in ctx.spans] == ["retrieved", "retrieved", "sink", "window", "window"]
+    with pytest.raises(ValueError, match="unknown memory policy"):
+        MemoryPolicy.from_name("bogus", K)
+
+
+def test_context_positions_are_reindexed():
+    _, ctx = run_policy("egolcd")
+    pos = ctx.layers[0].pos[0, :, 0]
+    spans = ctx.spans
+    # slots: retrieved at [0,K), [K,2K), sink at [2K,3K); window keeps offsets; current starts at 5K
+    assert ctx.frame_start == 5 * K
+    assert set(pos[spans[0].start : spans[0].end].tolist()) == {0}
+    assert set(pos[spans[2].start : spans[2].end].tolist()) == {2 * K}
+    assert set(pos[spans[4].start : spans[4].end].tolist()) == {4 * K}
+    dense_sizes, dctx = run_policy("dense")
+    assert dctx.frame_start == dctx.abs_frame_start  # dense: absolute positions
+
+
+def model_and_clip(n_chunks=4, seed=0):
+    torch.manual_seed(seed)
+    model = EgoLCDTransformer3DModel(**TINY).eval()
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(1, TINY["in_channels"], n_chunks * K, 4, 4, generator=g)
+    eps = torch.randn(x0.shape, generator=g)
+    t = torch.rand(1, n_chunks, generator=g)
+    text = torch.randn(1, 5, TINY["text_dim"], generator=g)
+    embs = [unit([1.0, float(i % 2), 0.3 * i]) for i in range(n_chunks)]
+    return model, x0, eps, t, text, embs
+
+
+@pytest.mark.parametrize("name", MEMORY_POLICIES)
+def test_training_path_equals_inference_path(name):
+    """Teacher forcing over a clip sees exactly the tokens, and computes exactly the outputs, that the
+    chunk-by-chunk inference loop computes when it generates the same latents."""
+    model, x0, eps, t, text, embs = model_and_clip(n_chunks=6)
+    cfg = MemoryConfig(window_chunks=2, keep_ratio=0.5, top_m=1, max_entries=3)
+    policy = MemoryPolicy.from_name(name, K, cfg)
+    with torch.no_grad():
+        train = teacher_forcing_loss(model, policy, x0, eps, t, text, embs, weights=LossWeights(variant="none"))
+        # inference loop (as the pipeline runs it): read context, denoise, clean pass, write
+        state = policy.init_state()
+        for i in range(6):
+            sl = slice(i * K, (i + 1) * K)
+            ctx = policy.context(state, embs[i])
+            assert ctx.describe() == train.contexts[i].describe()
+            if ctx.layers is not None:
+                for a, b in zip(ctx.layers, train.contexts[i].layers):
+                    assert torch.equal(a.key, b.key) and torch.equal(a.pos, b.pos)
+            ti = t[:, i : i + 1]
+            x_t = (1 - ti)[..., None, None, None] * x0[:, :, sl] + ti[..., None, None, None] * eps[:, :, sl]
+            pred = model.forward_chunk(x_t, (ti * 1000).expand(-1, K), text, ctx.layers, ctx.frame_start).sample
+            assert torch.equal(pred, train.predictions[i])
+            clean = model.forward_chunk(
+                x0[:, :, sl], torch.zeros(1, K), text, ctx.layers, ctx.frame_start,
+                return_kv=True, return_attention_mass=policy.needs_attention_mass,
+            )
+            policy.write(state, ctx, clean.kv, embs[i], i, clean.attention_mass)
+
+
+def test_dense_policy_equals_block_causal_forward_on_clean_clip():
+    """With `dense`, teacher forcing at t=0 for every chunk is the block-causal full forward."""
+    model, x0, eps, _, text, embs = model_and_clip(n_chunks=3)
+    policy = MemoryPolicy.from_name("dense", K)
+    t0 = torch.zeros(1, 3)
+    with torch.no_grad():
+        train = teacher_forcing_loss(model, policy, x0, eps, t0, text, embs, weights=LossWeights(variant="none"))
+        full = model(x0, torch.zeros(1, x0.shape[2]), text, return_dict=False)[0]
+    assert (torch.cat(train.predictions, dim=2) - full).abs().max() < 1e-4
+
+
+# ----------------------------------------------------------------------------- state
+def test_state_round_trip_is_exact(tmp_path):
+    model, x0, eps, t, text, embs = model_and_clip(n_chunks=6)
+    policy = MemoryPolicy.from_name("egolcd", K, MemoryConfig(window_chunks=2, keep_ratio=0.5, top_m=1))
+
+    def step(state, i):
+        sl = slice(i * K, (i + 1) * K)
+        ctx = policy.context(state, embs[i])
+        out = model.forward_chunk(x0[:, :, sl], torch.zeros(1, K), text, ctx.layers, ctx.frame_start,
+                                  return_kv=True, return_attention_mass=True)
+        policy.write(state, ctx, out.kv, embs[i], i, out.attention_mass)
+        return out.sample
+
+    with torch.no_grad():
+        state = policy.init_state()
+        for i in range(4):
+            step(state, i)
+        policy.save_state(state, tmp_path / "mem.safetensors", extra={"seed": 3})
+        tail = [step(state, i) for i in (4, 5)]
+        restored, extra = policy.load_state(tmp_path / "mem.safetensors")
+        assert extra == {"seed": 3} and restored.chunk == 4
+        tail2 = [step(restored, i) for i in (4, 5)]
+    for a, b in zip(tail, tail2):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="policy"):
+        MemoryPolicy.from_name("window", K).load_state(tmp_path / "mem.safetensors")
+    with pytest.raises(FileNotFoundError):
+        policy.load_state(tmp_path / "missing.safetensors")
+
+
+# ----------------------------------------------------------------------------- losses
+def test_memory_regulation_loss_is_zero_for_dense_and_positive_otherwise():
+    model, x0, eps, t, text, embs = model_and_clip(n_chunks=5)
+    dense = teacher_forcing_loss(model, MemoryPolicy.from_name("dense", K), x0, eps, t, text, embs)
+    assert dense.memory.item() == 0.0
+    window = teacher_forcing_loss(model, MemoryPolicy.from_name("none", K), x0, eps, t, text, embs)
+    assert window.memory.item() > 1e-6
+    assert torch.isclose(window.loss, window.flow + 0.1 * window.memory)
+    o = torch.randn(2, 3, 4)
+    assert memory_regulation_loss([(o, o.clone())]).item() == 0.0
+
+
+def test_anchor_variant_uses_retrieved_latents():
+    model, x0, eps, t, text, embs = model_and_clip(n_chunks=6)
+    cfg = MemoryConfig(window_chunks=1, sink=False, keep_ratio=0.5, top_m=1)
+    out = teacher_forcing_loss(model, MemoryPolicy(cfg, K), x0, eps, t, text, embs,
+                               weights=LossWeights(memory=0.5, variant="anchor"))
+    assert out.memory.item() > 0 and any(s.kind == "retrieved" for c in out.contexts for s in c.spans)
+    none = teacher_forcing_loss(model, MemoryPolicy.from_name("window", K), x0, eps, t, text, embs,
+                                weights=LossWeights(memory=0.5, variant="anchor"))
+    assert none.memory.item() == 0.0  # nothing retrieved -> no anchor term
+
+
+def test_losses_give_gradients_only_to_lora_parameters():
+    model, x0, eps, t, text, embs = model_and_clip(n_chunks=4)
+    model.train()
+    attach_lora(model, LoRAConfig(rank=2))
+    # make LoRA non-trivial so MR gradients reach lora_A too
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    out = teacher_forcing_loss(model, MemoryPolicy.from_name("egolcd", K), x0, eps, t, text, embs,
+                               weights=LossWeights(memory=1.0))
+    out.loss.backward()
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            assert p.requires_grad and p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert not p.requires_grad and p.grad is None, name
+
+
+def test_lora_save_load_merge(tmp_path):
+    torch.manual_seed(0)
+    model = EgoLCDTransformer3DModel(**TINY).eval()
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    attach_lora(model, LoRAConfig(rank=4, alpha=8))
+    assert all("lora" in n for n, p in model.named_parameters() if p.requires_grad)
+    assert len(trainable_parameters(model)) == 4 * 2 * LAYERS
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    x, text = torch.randn(1, 4, 4, 4, 4), torch.randn(1, 3, TINY["text_dim"])
+    with torch.no_grad():
+        adapted = model(x, torch.tensor([300.0]), text, return_dict=False)[0]
+    save_lora(model, tmp_path / "lora")
+    fresh = EgoLCDTransformer3DModel(**TINY).eval()
+    fresh.load_state_dict(base_state)
+    load_lora(fresh, tmp_path / "lora")
+    with torch.no_grad():
+        assert (fresh(x, torch.tensor([300.0]), text, return_dict=False)[0] - adapted).abs().max() < 1e-5
+    merge_lora(fresh)
+    assert not any("lora" in k for k in fresh.state_dict())
+    assert set(fresh.state_dict()) == set(base_state)
+    with torch.no_grad():
+        assert (fresh(x, torch.tensor([300.0]), text, return_dict=False)[0] - adapted).abs().max() < 1e-4
+    with pytest.raises(FileNotFoundError):
+        load_lora(fresh, tmp_path / "nothing")
