@@ -391,12 +391,12 @@ class MemoryPolicy:
             layout[group] = []
             for j, item in enumerate(items):
                 p = f"{group}.{j}"
-                tensors[f"{p}.embedding"] = item.embedding.contiguous()
+                tensors[f"{p}.embedding"] = item.embedding.clone()  # slices of one pooled batch
                 for layer, (kv, score) in enumerate(zip(item.kv, item.importance)):
-                    tensors[f"{p}.{layer}.key"] = kv.key.contiguous()
-                    tensors[f"{p}.{layer}.value"] = kv.value.contiguous()
+                    tensors[f"{p}.{layer}.key"] = kv.key.clone()
+                    tensors[f"{p}.{layer}.value"] = kv.value.clone()
                     tensors[f"{p}.{layer}.pos"] = kv.pos.clone()  # layers may share one tensor
-                    tensors[f"{p}.{layer}.importance"] = score.contiguous()
+                    tensors[f"{p}.{layer}.importance"] = score.clone()
                 layout[group].append(
                     {"chunk": item.chunk, "segment": item.segment, "retrievals": item.retrievals,
                      "layers": len(item.kv)}

@@ -1,0 +1,169 @@
+"""The ``egolcd`` command.
+
+    egolcd validate NARRATIVE.yaml
+    egolcd generate NARRATIVE.yaml -o out.mp4 [--model DIR] [--memory egolcd|dense|window|sink-window|none]
+                    [--steps N] [--guidance G] [--seed S] [--save-state P] [--resume P]
+    egolcd create-model DIR --preset tiny        # random weights, diffusers layout (tests, training start)
+
+Bad input ends with one line on stderr (``egolcd: error: ...``) and exit status 2; ``--debug`` shows the
+traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from . import __version__
+from .config import MEMORY_POLICIES, PRESETS
+
+logger = logging.getLogger("egolcd")
+
+# Errors that are the user's input, not egolcd's bugs: reported as one line.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, KeyError)
+
+
+def _default_model_dir() -> Path:
+    from .pipeline import EMBEDDED_MODEL_DIR
+
+    return EMBEDDED_MODEL_DIR
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from .narrative import compile_narrative, format_schedule, load_narrative
+
+    preset = PRESETS[args.preset]
+    narrative = load_narrative(args.narrative)
+    compiled = compile_narrative(
+        narrative, fps=narrative.fps or preset.fps, chunk_frames=preset.chunk_frames, vae_temporal=preset.vae_temporal
+    )
+    sys.stdout.write(format_schedule(compiled) + "\n")
+    return 0
+
+
+def _check_output(path: Path) -> None:
+    parent = path.resolve().parent
+    if not parent.is_dir():
+        raise FileNotFoundError(f"cannot write to {parent}: directory does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write to {parent}: permission denied")
+    if path.suffix.lower() != ".mp4":
+        raise ValueError(f"output must be an .mp4 file, got {path.name}")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .narrative import load_narrative
+    from .pipeline import EgoLCDPipeline
+
+    output = Path(args.output)
+    _check_output(output)
+    narrative = load_narrative(args.narrative)  # fail on a bad narrative before loading any weights
+    model_dir = Path(args.model) if args.model else _default_model_dir()
+    if args.model is None and not (model_dir / "egolcd_config.json").is_file():
+        raise FileNotFoundError(
+            "the embedded demo model is not available yet (it is trained in a later milestone); "
+            "pass --model DIR (e.g. one made by `egolcd create-model DIR --preset tiny`)"
+        )
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = EgoLCDPipeline.from_pretrained(model_dir, device=device)
+    pipe.compile(narrative)  # schedule and size are checked before anything is written
+    pipe.video_size(narrative)
+    result = pipe(
+        narrative,
+        output,
+        memory=args.memory,
+        steps=args.steps,
+        guidance=args.guidance,
+        seed=args.seed,
+        sampler=args.sampler,
+        save_state=args.save_state,
+        save_state_every=args.save_state_every,
+        resume=args.resume,
+        progress=not args.quiet,
+    )
+    logger.info("wrote %s: %d frames at %d fps (%d chunks)", result.path, result.num_frames, result.fps, result.num_chunks)
+    sys.stdout.write(f"{result.path}\n")
+    return 0
+
+
+def cmd_create_model(args: argparse.Namespace) -> int:
+    from .pipeline import EgoLCDPipeline
+
+    pipe = EgoLCDPipeline.from_preset(args.preset, seed=args.seed)
+    pipe.save_pretrained(args.directory)
+    logger.info("wrote a randomly initialised %r model to %s", args.preset, args.directory)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="egolcd", description="Long, coherent egocentric video generation (EgoLCD).")
+    parser.add_argument("--version", action="version", version=f"egolcd {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("validate", help="check a narrative and print its compiled prompts and chunk schedule")
+    p.add_argument("narrative", help="narrative file (.yaml, .json or plain text)")
+    p.add_argument("--preset", default="demo", choices=sorted(PRESETS), help="chunk geometry to schedule for")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("generate", help="generate a long video from a narrative")
+    p.add_argument("narrative", help="narrative file (.yaml, .json or plain text)")
+    p.add_argument("-o", "--output", required=True, help="output .mp4 (written atomically)")
+    p.add_argument("--model", help="model directory (default: the embedded demo model)")
+    p.add_argument("--memory", choices=MEMORY_POLICIES, help="memory policy (default: the model's, egolcd)")
+    p.add_argument("--steps", type=int, help="sampling steps per chunk")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--sampler", choices=["euler", "heun", "unipc", "flow_euler"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-state", help="save the memory state here (every --save-state-every chunks)")
+    p.add_argument("--save-state-every", type=int, default=8)
+    p.add_argument("--resume", help="resume from a saved memory state")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("create-model", help="write a randomly initialised model of a preset (diffusers layout)")
+    p.add_argument("directory")
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_create_model)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
+    for noisy in ("diffusers", "transformers", "httpx", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        pass
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        sys.stderr.write("egolcd: interrupted\n")
+        return 130
+    except USER_ERRORS as exc:
+        if args.debug:
+            raise
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        sys.stderr.write(f"egolcd: error: {message}\n")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
