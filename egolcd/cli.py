@@ -94,9 +94,51 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_create_model(args: argparse.Namespace) -> int:
     from .pipeline import EgoLCDPipeline
 
-    pipe = EgoLCDPipeline.from_preset(args.preset, seed=args.seed)
+    pipe = EgoLCDPipeline.from_preset(args.preset, seed=args.seed, vae_path=args.vae)
     pipe.save_pretrained(args.directory)
     logger.info("wrote a randomly initialised %r model to %s", args.preset, args.directory)
+    return 0
+
+
+def cmd_train_vae(args: argparse.Namespace) -> int:
+    from .vae_train import VAETrainConfig, train_vae
+
+    config = VAETrainConfig(
+        data=args.data, out=args.out, preset=args.preset, steps=args.steps, batch_size=args.batch_size,
+        lr=args.lr, crop_frames=args.crop_frames, max_clips=args.max_clips, seed=args.seed,
+    )
+    train_vae(config, device=args.device or "cpu")
+    return 0
+
+
+def cmd_prepare_latents(args: argparse.Namespace) -> int:
+    from .data import EgoVidDataset, build_from_preset, prepare_latents
+
+    overrides = {"chunks_per_clip": args.chunks_per_clip}
+    if args.csv:
+        overrides["csv"] = args.csv
+    if args.video_dir:
+        overrides["video_dir"] = args.video_dir
+    config = build_from_preset(args.preset, args.data, **overrides)
+    dataset = EgoVidDataset(config, progress=not args.quiet)
+    if args.model:
+        from .pipeline import EgoLCDPipeline
+
+        pipe = EgoLCDPipeline.from_pretrained(args.model)
+        vae, text = pipe.vae, pipe.text_encoder
+    else:
+        from .pipeline import GenerationConfig
+        from .text import load_text_encoder
+        from .vae import build_vae
+
+        preset = PRESETS[args.preset]
+        gen = GenerationConfig.from_preset(preset)
+        vae = build_vae(preset, args.vae)
+        text = load_text_encoder(gen.text_encoder, args.text_encoder, max_length=gen.text_max_length)
+    index = prepare_latents(
+        dataset, vae, text, args.out, shard_size=args.shard_size, progress=not args.quiet, preset=args.preset
+    )
+    logger.info("latent cache %s: %d clips in %d shards", args.out, len(index.clips), len(index.shards))
     return 0
 
 
@@ -128,11 +170,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_generate)
 
+    p = sub.add_parser("prepare-latents", help="encode an EgoVid-5M-format dataset into a latent cache (resumable)")
+    p.add_argument("data", help="dataset root (metadata.csv + videos/)")
+    p.add_argument("--out", required=True, help="latent cache directory (re-run to resume)")
+    p.add_argument("--preset", default="demo", choices=sorted(PRESETS))
+    p.add_argument("--model", help="take the VAE and text encoder from this model directory")
+    p.add_argument("--vae", help="VAE folder (diffusers layout) when no --model is given")
+    p.add_argument("--text-encoder", help="T5/umT5 path for presets that use one")
+    p.add_argument("--csv", help="captions CSV (default: DATA/metadata.csv)")
+    p.add_argument("--video-dir", help="folder of clips (default: DATA/videos)")
+    p.add_argument("--chunks-per-clip", type=int, default=4)
+    p.add_argument("--shard-size", type=int, default=64)
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_prepare_latents)
+
     p = sub.add_parser("create-model", help="write a randomly initialised model of a preset (diffusers layout)")
     p.add_argument("directory")
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    p.add_argument("--vae", help="a trained VAE folder to include (default: the preset's embedded VAE, untrained)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_create_model)
+
+    p = sub.add_parser("train-vae", help="train the embedded video VAE on an EgoVid-format dataset")
+    p.add_argument("data", help="dataset root (metadata.csv + videos/)")
+    p.add_argument("--out", required=True, help="output VAE folder (diffusers layout)")
+    p.add_argument("--preset", default="demo", choices=sorted(PRESETS))
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--crop-frames", type=int, default=5)
+    p.add_argument("--max-clips", type=int)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device")
+    p.set_defaults(func=cmd_train_vae)
     return parser
 
 

@@ -160,13 +160,16 @@ class EgoLCDPipeline:
         return self
 
     @classmethod
-    def from_preset(cls, name: str, seed: int = 0, **config_overrides: Any) -> EgoLCDPipeline:
-        """A randomly initialised pipeline of a preset (for tests, benchmarks and as a training start)."""
+    def from_preset(
+        cls, name: str, seed: int = 0, vae_path: str | Path | None = None, **config_overrides: Any
+    ) -> EgoLCDPipeline:
+        """A randomly initialised transformer of a preset (for tests, benchmarks and as a training start),
+        with the VAE from ``vae_path`` when given (else the preset's embedded VAE, untrained)."""
         preset = get_preset(name)
         torch.manual_seed(seed)
         transformer = EgoLCDTransformer3DModel.from_preset(name)
         config = GenerationConfig.from_preset(preset, **config_overrides)
-        vae = build_vae(preset, None)
+        vae = build_vae(preset, vae_path)
         text = load_text_encoder(config.text_encoder, config.text_encoder_path, max_length=config.text_max_length)
         return cls(transformer, vae, text, config)
 

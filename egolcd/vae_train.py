@@ -1,0 +1,115 @@
+"""Train the embedded video VAE (a small ``AutoencoderKLWan``) on egocentric footage.
+
+The Wan VAE is used as is at real scale; the embedded default needs its own small VAE, trained here
+with the usual objective: ``L1(x, D(z)) + kl_weight * KL(q(z|x) || N(0, I))``, on random crops of
+``4k + 1`` frames. At the end the per-channel latent mean/std are measured on the data and written
+into the config (``latents_mean``/``latents_std``), so the DiT sees unit-scale latents, exactly as
+with Wan's statistics.
+
+    egolcd train-vae DATA --out models/demo-vae --preset demo --steps 2000
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .config import get_preset
+from .vae import VideoVAE, embedded_vae_config
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class VAETrainConfig:
+    """Args: data: EgoVid-format dataset root; out: output folder (diffusers layout); preset: sizes;
+    steps, batch_size, lr, kl_weight: optimisation; crop_frames: frames per training crop (4k + 1);
+    max_clips: limit the clips loaded into memory; chunks_per_clip: clip length
+    (as in the DiT's dataset); seed: everything random."""
+
+    data: str
+    out: str
+    preset: str = "demo"
+    steps: int = 2000
+    batch_size: int = 2
+    lr: float = 3e-4
+    kl_weight: float = 1e-6
+    crop_frames: int = 5
+    max_clips: int | None = None
+    chunks_per_clip: int = 4
+    seed: int = 0
+    log_every: int = 50
+
+
+def _load_clips(config: VAETrainConfig) -> torch.Tensor:
+    """All clips decoded once: uint8 ``(N, 3, T, H, W)`` (small sim datasets fit in memory)."""
+    from .data import EgoVidDataset, build_from_preset
+
+    dataset = EgoVidDataset(build_from_preset(
+        config.preset, config.data, max_clips=config.max_clips, chunks_per_clip=config.chunks_per_clip
+    ))
+    clips = []
+    for i in tqdm(range(len(dataset)), desc="decoding clips", unit="clip"):
+        video = dataset[i]["video"]  # (3, T, H, W) in [-1, 1]
+        clips.append(((video + 1) * 127.5).round().clamp(0, 255).to(torch.uint8))
+    return torch.stack(clips)
+
+
+def _batch(clips: torch.Tensor, size: int, frames: int, g: torch.Generator) -> torch.Tensor:
+    n, _, t = clips.shape[:3]
+    idx = torch.randint(0, n, (size,), generator=g)
+    starts = torch.randint(0, t - frames + 1, (size,), generator=g)
+    crops = torch.stack([clips[i, :, s : s + frames] for i, s in zip(idx.tolist(), starts.tolist())])
+    return crops.float() / 127.5 - 1.0  # (B, 3, frames, H, W)
+
+
+def train_vae(config: VAETrainConfig, device: str = "cpu") -> Path:
+    """Train, measure latent statistics, save. Returns the output folder."""
+    if (config.crop_frames - 1) % 4:
+        raise ValueError(f"crop_frames must be 4k + 1, got {config.crop_frames}")
+    preset = get_preset(config.preset)
+    clips = _load_clips(config)
+    logger.info("training the %s VAE on %d clips of %s", config.preset, len(clips), tuple(clips.shape[2:]))
+    vae_cfg = embedded_vae_config(preset)
+    model = VideoVAE.from_config_dict(vae_cfg, seed=config.seed).model.to(device)
+    model.train().requires_grad_(True)
+    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100))
+    g = torch.Generator().manual_seed(config.seed)
+    bar = tqdm(range(config.steps), desc="vae", unit="step")
+    t0 = time.perf_counter()
+    for step in bar:
+        x = _batch(clips, config.batch_size, config.crop_frames, g).to(device)
+        posterior = model.encode(x).latent_dist
+        rec = model.decode(posterior.sample(generator=None)).sample
+        l1 = (rec - x).abs().mean()
+        kl = posterior.kl().mean() / x[0].numel()
+        loss = l1 + config.kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % config.log_every == 0 or step == config.steps - 1:
+            bar.set_postfix(l1=f"{l1.item():.4f}", kl=f"{kl.item():.3g}")
+            logger.info("vae step %d l1 %.4f kl %.4g (%.1f s)", step, l1.item(), kl.item(), time.perf_counter() - t0)
+    # Latent statistics over the data (posterior means of whole clips)
+    model.eval().requires_grad_(False)
+    with torch.no_grad():
+        zs = []
+        for i in range(min(len(clips), 32)):
+            frames = clips.shape[2] - (clips.shape[2] - 1) % 4
+            x = clips[i : i + 1, :, :frames].float().to(device) / 127.5 - 1.0
+            zs.append(model.encode(x).latent_dist.mode().transpose(0, 1).flatten(1))  # (C, L*h*w)
+        z = torch.cat(zs, dim=1)
+        mean, std = z.mean(dim=1), z.std(dim=1).clamp_min(1e-3)
+    model.register_to_config(latents_mean=mean.tolist(), latents_std=std.tolist())
+    out = Path(config.out)
+    VideoVAE(model.cpu()).save_pretrained(out)
+    logger.info("saved VAE to %s (latent mean %s, std %s)", out, mean.numpy().round(3), std.numpy().round(3))
+    return out
