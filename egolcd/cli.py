@@ -26,6 +26,12 @@ logger = logging.getLogger("egolcd")
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, KeyError)
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .train import TrainingAborted
+
+    return (*USER_ERRORS, TrainingAborted)
+
+
 def _default_model_dir() -> Path:
     from .pipeline import EMBEDDED_MODEL_DIR
 
@@ -97,6 +103,24 @@ def cmd_create_model(args: argparse.Namespace) -> int:
     pipe = EgoLCDPipeline.from_preset(args.preset, seed=args.seed, vae_path=args.vae)
     pipe.save_pretrained(args.directory)
     logger.info("wrote a randomly initialised %r model to %s", args.preset, args.directory)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import train_main
+
+    out = train_main(args.config, resume=args.resume)
+    sys.stdout.write(f"{out}\n")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .train import export_checkpoint
+
+    out = export_checkpoint(
+        args.checkpoint, args.directory, merge=args.merge, use_ema=not args.no_ema, overwrite=args.overwrite
+    )
+    logger.info("exported %s to %s (load with egolcd generate --model %s)", args.checkpoint, out, out)
     return 0
 
 
@@ -191,6 +215,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_create_model)
 
+    p = sub.add_parser("train", help="train/fine-tune with accelerate (`accelerate launch -m egolcd train` for many GPUs)")
+    p.add_argument("config", help="training config YAML (see configs/train/)")
+    p.add_argument("--resume", help="'latest' or a checkpoint directory")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("export", help="write a model directory from a training checkpoint")
+    p.add_argument("checkpoint", help="a checkpoint-N directory or a run directory (its latest checkpoint)")
+    p.add_argument("directory", help="output model directory")
+    p.add_argument("--merge", action="store_true", help="merge LoRA into the base weights")
+    p.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("train-vae", help="train the embedded video VAE on an EgoVid-format dataset")
     p.add_argument("data", help="dataset root (metadata.csv + videos/)")
     p.add_argument("--out", required=True, help="output VAE folder (diffusers layout)")
@@ -227,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("egolcd: interrupted\n")
         return 130
-    except USER_ERRORS as exc:
+    except _user_errors() as exc:
         if args.debug:
             raise
         message = " ".join(str(exc).split()) or type(exc).__name__
