@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .config import MemoryConfig, Preset, get_preset
 from .flow import cfg_denoiser, get_sampler, get_sigmas, make_scheduler, to_model_timestep
-from .memory import ChunkContext, MemoryPolicy
+from .memory import ChunkContext, MemoryPolicy, MemoryState
 from .narrative import CompiledNarrative, Narrative, compile_narrative, load_narrative
 from .text import TextEncoder, load_text_encoder
 from .transformer import EgoLCDTransformer3DModel
@@ -109,6 +109,64 @@ class GenerationResult:
 def narrative_fingerprint(compiled: CompiledNarrative) -> str:
     text = json.dumps([compiled.prompts, compiled.segment_frames, compiled.fps], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def chunk_denoiser(
+    transformer: EgoLCDTransformer3DModel,
+    ctx: ChunkContext,
+    text: Tensor,
+    negative: Tensor | None = None,
+    guidance: float = 1.0,
+) -> Callable[[Tensor, Tensor], Tensor]:
+    """The model wrapped as ``v = denoiser(x, t)`` (t in [0, 1]) with one chunk's memory context fixed."""
+    k = int(transformer.config.chunk_frames)
+
+    def call(x: Tensor, t: Tensor, txt: Tensor) -> Tensor:
+        timestep = to_model_timestep(t).to(x.device).reshape(-1, 1).expand(x.shape[0], k)
+        return transformer.forward_chunk(x, timestep, txt, ctx.layers, ctx.frame_start).sample
+
+    cond: Callable[[Tensor, Tensor], Tensor] = lambda x, t: call(x, t, text)  # noqa: E731
+    if negative is None or guidance == 1.0:
+        return cond
+    return cfg_denoiser(cond, lambda x, t: call(x, t, negative), guidance)
+
+
+def generate_chunk(
+    transformer: EgoLCDTransformer3DModel,
+    policy: MemoryPolicy,
+    state: MemoryState,
+    noise: Tensor,
+    text: Tensor,
+    key: Tensor,
+    segment: int,
+    revisit: list[int],
+    sigmas: Tensor,
+    sampler: Callable[..., Tensor],
+    negative: Tensor | None = None,
+    guidance: float = 1.0,
+) -> tuple[Tensor, ChunkContext]:
+    """One chunk of the EgoLCD loop: read memory, denoise, write memory (state advances by one chunk).
+
+    Args:
+        noise: ``(B, C, K, h, w)`` starting noise. text: ``(B, L, D)`` the segment's token states.
+        key: ``(B, E)`` pooled prompt embedding (memory key). revisit: forced segments.
+        sigmas, sampler: the sampling schedule and function (``egolcd.flow``).
+
+    Returns:
+        ``(x0, ctx)``: the clean latents and the context the chunk saw.
+    """
+    k = noise.shape[2]
+    # 1. Read memory: what this chunk sees
+    ctx = policy.context(state, key, revisit)
+    # 2. Denoise
+    x0 = sampler(chunk_denoiser(transformer, ctx, text, negative, guidance), noise, sigmas)
+    # 3. Write memory: a clean pass (t = 0) gives the chunk's keys/values and importance
+    clean = transformer.forward_chunk(
+        x0, torch.zeros(noise.shape[0], k, device=noise.device), text, ctx.layers, ctx.frame_start,
+        return_kv=True, return_attention_mass=policy.needs_attention_mass,
+    )
+    policy.write(state, ctx, clean.kv, key, segment, clean.attention_mass)
+    return x0, ctx
 
 
 class EgoLCDPipeline:
@@ -341,21 +399,13 @@ class EgoLCDPipeline:
                     seg = compiled.chunk_segments[c]
                     key = pooled[seg : seg + 1]
                     revisit = [compiled.revisits[seg]] if seg in compiled.revisits else []
-                    # 4. Read memory: what this chunk sees
-                    ctx = policy.context(state, key, revisit)
-                    # 5. Denoise the chunk from noise drawn for (seed, chunk)
+                    # 4-6. Read memory, denoise noise drawn for (seed, chunk), write memory
                     g = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + c)
                     noise = torch.randn((1, self.vae.latent_channels, k, *latent_hw), generator=g)
-                    x0 = sample(
-                        self._denoiser(ctx, tokens[seg : seg + 1], negative, guidance),
-                        noise.to(device, self.transformer.dtype), sigmas,
+                    x0, ctx = generate_chunk(
+                        self.transformer, policy, state, noise.to(device, self.transformer.dtype),
+                        tokens[seg : seg + 1], key, seg, revisit, sigmas, sample, negative, guidance,
                     )
-                    # 6. Write memory: clean pass (t = 0) gives the chunk's keys/values and importance
-                    clean = self.transformer.forward_chunk(
-                        x0, torch.zeros(1, k, device=device), tokens[seg : seg + 1], ctx.layers, ctx.frame_start,
-                        return_kv=True, return_attention_mass=policy.needs_attention_mass,
-                    )
-                    policy.write(state, ctx, clean.kv, key, seg, clean.attention_mass)
                     latents_so_far.append(x0)
                     # 7. Decode and stream to the mp4
                     frames = emit(x0)
@@ -381,21 +431,6 @@ class EgoLCDPipeline:
         if save_state is not None:
             self._save_state(policy, state, save_state, run_info, latents_so_far)
         return GenerationResult(Path(output), written, compiled.fps, n_chunks, reports)
-
-    def _denoiser(
-        self, ctx: ChunkContext, text: Tensor, negative: Tensor | None, guidance: float
-    ) -> Callable[[Tensor, Tensor], Tensor]:
-        """The model wrapped as ``v = denoiser(x, t)`` with this chunk's memory context fixed."""
-        k = self.chunk_frames
-
-        def call(x: Tensor, t: Tensor, txt: Tensor) -> Tensor:
-            timestep = to_model_timestep(t).to(x.device).reshape(-1, 1).expand(x.shape[0], k)
-            return self.transformer.forward_chunk(x, timestep, txt, ctx.layers, ctx.frame_start).sample
-
-        cond: Callable[[Tensor, Tensor], Tensor] = lambda x, t: call(x, t, text)  # noqa: E731
-        if negative is None or guidance == 1.0:
-            return cond
-        return cfg_denoiser(cond, lambda x, t: call(x, t, negative), guidance)
 
     @staticmethod
     def _save_state(policy, state, path, run_info, latents) -> None:
