@@ -124,6 +124,35 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .report import evaluate_main, summary_text
+
+    result = evaluate_main(
+        args.videos, args.reference, args.narrative, args.report, args.json, clip_model=args.clip_model,
+        fvd_model=args.fvd_model, labels=args.labels.split(",") if args.labels else None,
+        feature_model=args.feature_model,
+    )
+    sys.stdout.write(summary_text(result) + "\n")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import BenchConfig, bench_main, format_table
+
+    policies = tuple(p.strip() for p in args.policies.split(",") if p.strip())
+    config = BenchConfig(
+        preset=args.preset, chunks=args.chunks, policies=policies, device=args.device, steps=args.steps,
+        dtype=args.dtype, height=args.height, width=args.width, threads=args.threads,
+    )
+    result = bench_main(config, json_path=args.json, plot_path=args.plot)
+    sys.stdout.write(format_table(result) + "\n")
+    target = result["flatness_target"]
+    if target["ratio"] is not None:
+        verdict = "met" if target["met"] else "NOT met"
+        sys.stdout.write(f"egolcd flatness {target['ratio']:.3f} (target <= {target['target']}): {verdict}\n")
+    return 0
+
+
 def cmd_train_vae(args: argparse.Namespace) -> int:
     from .vae_train import VAETrainConfig, train_vae
 
@@ -227,6 +256,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("evaluate", help="drift, NRDP, revisit consistency, flicker (+FVD/CLIP with local weights)")
+    p.add_argument("videos", nargs="+", help="generated videos (.mp4)")
+    p.add_argument("--reference", help="real reference video of the same narrative")
+    p.add_argument("--narrative", help="the narrative (segments and revisits)")
+    p.add_argument("--report", help="write an HTML report here")
+    p.add_argument("--json", help="write the metrics as JSON here")
+    p.add_argument("--labels", help="comma-separated labels (default: file names)")
+    p.add_argument("--clip-model", help="local CLIP folder for CLIP score")
+    p.add_argument("--fvd-model", help="local VideoMAE folder for FVD")
+    p.add_argument("--feature-model", help="local DINO/CLIP folder for the consistency features")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("bench", help="speed and memory per chunk for each memory policy (random weights)")
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    p.add_argument("--chunks", type=int, default=64)
+    p.add_argument("--policies", default=",".join(MEMORY_POLICIES))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's)")
+    p.add_argument("--json", help="write the per-chunk results as JSON")
+    p.add_argument("--plot", help="write a PNG plot of cost vs chunk index")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("train-vae", help="train the embedded video VAE on an EgoVid-format dataset")
     p.add_argument("data", help="dataset root (metadata.csv + videos/)")

@@ -199,3 +199,35 @@ def test_console_script_exit_status_without_traceback(tmp_path):
     proc = subprocess.run([str(exe), "validate", str(bad)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_evaluate_generated_videos_against_each_other(pipe, narrative, tmp_path, capsys):
+    """The evaluation chain on tiny generated videos: two policies, one as the 'reference'."""
+    a, b = tmp_path / "egolcd.mp4", tmp_path / "window.mp4"
+    pipe(narrative, a, memory="egolcd", steps=1, progress=False)
+    pipe(narrative, b, memory="window", steps=1, progress=False)
+    report, out_json = tmp_path / "report.html", tmp_path / "metrics.json"
+    code, stdout, err = run_cli(capsys, "evaluate", a, b, "--reference", b, "--narrative", narrative,
+                                "--report", report, "--json", out_json)
+    assert code == 0, err
+    data = json.loads(out_json.read_text())
+    assert set(data["videos"]) == {"egolcd", "window"}
+    assert "<img" in report.read_text()
+    code, _, err = run_cli(capsys, "evaluate", tmp_path / "missing.mp4")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+
+
+def test_bench_json_format(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    code, stdout, err = run_cli(capsys, "bench", "--chunks", "24", "--policies", "egolcd,dense", "--steps", "1",
+                                "--threads", "1", "--json", out, "--plot", tmp_path / "bench.png")
+    assert code == 0, err
+    data = json.loads(out.read_text())
+    assert data["preset"] == "tiny" and set(data["policies"]) == {"egolcd", "dense"}
+    for r in data["policies"].values():
+        assert len(r["chunk_seconds"]) == len(r["context_tokens"]) == len(r["memory_bytes"]) == 24
+        assert r["peak_mb"] > 0
+    ego, dense = data["policies"]["egolcd"], data["policies"]["dense"]
+    assert max(ego["context_tokens"]) < max(dense["context_tokens"])  # bounded vs growing
+    assert dense["context_tokens"][-1] == 23 * dense["context_tokens"][1]
+    assert (tmp_path / "bench.png").stat().st_size > 1000

@@ -1,0 +1,202 @@
+"""Speed and memory of the chunk loop under each memory policy (``egolcd bench``).
+
+For each policy, N chunks are generated with the preset's sizes and random weights through the same
+``generate_chunk`` the pipeline runs (read memory -> denoise -> clean pass -> write memory; the VAE is
+left out: its cost per chunk does not depend on the policy). Each policy runs in its own process, so
+peak RSS is per policy. Per chunk: wall seconds, context tokens per layer, memory bytes (window + sink +
+long-term store); per policy: peak RSS (CPU) or peak CUDA memory.
+
+Flatness target (bounded cost at any length): for ``egolcd``, median seconds of the last 8 chunks over
+the median of chunks 4-11 <= 1.15; ``dense`` grows with length.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing as mp
+import resource
+import statistics
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import MEMORY_POLICIES, get_preset
+
+logger = logging.getLogger(__name__)
+
+FLATNESS_TARGET = 1.15
+
+
+@dataclass
+class BenchConfig:
+    """Args: preset: sizes; chunks: chunks per policy; policies: names; device: cpu or cuda; steps:
+    sampling steps per chunk; height, width: pixel size (default: the preset's); dtype: float32 or
+    bfloat16; seed; threads: CPU threads (``None``: PyTorch's default; 1 avoids oversubscription
+    stalls on small, busy machines)."""
+
+    preset: str = "tiny"
+    chunks: int = 64
+    policies: tuple[str, ...] = MEMORY_POLICIES
+    device: str = "cpu"
+    steps: int = 4
+    height: int | None = None
+    width: int | None = None
+    dtype: str = "float32"
+    seed: int = 0
+    segments: int = 8
+    threads: int | None = None
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+@torch.inference_mode()
+def run_policy(config: BenchConfig, policy_name: str) -> dict[str, Any]:
+    """Generate ``config.chunks`` chunks under one policy; per-chunk timings and sizes."""
+    from .flow import get_sampler, get_sigmas
+    from .memory import MemoryPolicy
+    from .pipeline import generate_chunk
+    from .transformer import EgoLCDTransformer3DModel
+
+    preset = get_preset(config.preset)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    device, dtype = config.device, getattr(torch, config.dtype)
+    torch.manual_seed(config.seed)
+    model = EgoLCDTransformer3DModel.from_preset(config.preset).to(device=device).eval()
+    if dtype != torch.float32:
+        model = model.to(dtype=dtype)
+    k = preset.chunk_frames
+    height, width = config.height or preset.height, config.width or preset.width
+    latent_hw = (height // preset.vae_spatial, width // preset.vae_spatial)
+    policy = MemoryPolicy.from_name(policy_name, k, preset.memory)
+    state = policy.init_state()
+    g = torch.Generator().manual_seed(config.seed)
+    texts = torch.randn(config.segments, 1, 32, model.config.text_dim, generator=g).to(device, dtype)
+    keys = torch.nn.functional.normalize(torch.randn(config.segments, 1, 64, generator=g), dim=-1).to(device)
+    sigmas = get_sigmas(config.steps, 5.0, device=device)
+    sample = get_sampler("euler")
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    seconds, tokens, mem_bytes = [], [], []
+    for c in range(config.chunks):
+        seg = c * config.segments // config.chunks
+        noise = torch.randn((1, preset.latent_channels, k, *latent_hw), generator=g).to(device, dtype)
+        _sync(device)
+        t0 = time.perf_counter()
+        _, ctx = generate_chunk(model, policy, state, noise, texts[seg], keys[seg], seg, [], sigmas, sample)
+        _sync(device)
+        seconds.append(time.perf_counter() - t0)
+        tokens.append(ctx.tokens_per_layer)
+        mem_bytes.append(state.nbytes)
+    if device.startswith("cuda"):
+        peak_mb = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    return {"chunk_seconds": seconds, "context_tokens": tokens, "memory_bytes": mem_bytes, "peak_mb": peak_mb}
+
+
+def _worker(args: tuple[BenchConfig, str]) -> dict[str, Any]:
+    return run_policy(*args)
+
+
+def flatness(chunk_seconds: list[float]) -> float | None:
+    """median(seconds of the last 8 chunks) / median(seconds of chunks 4-11); None if too short."""
+    if len(chunk_seconds) < 20:
+        return None
+    return statistics.median(chunk_seconds[-8:]) / statistics.median(chunk_seconds[4:12])
+
+
+def run_bench(config: BenchConfig, isolate: bool = True) -> dict[str, Any]:
+    """All policies, each in a fresh process (``isolate``) so peak memory is its own."""
+    for name in config.policies:
+        if name not in MEMORY_POLICIES:
+            raise ValueError(f"unknown memory policy {name!r}; choose from {', '.join(MEMORY_POLICIES)}")
+    if config.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for, but no CUDA device is available")
+    results: dict[str, Any] = {}
+    for name in config.policies:
+        logger.info("bench: %s, %d chunks (%s, %s)", name, config.chunks, config.preset, config.device)
+        if isolate and not config.device.startswith("cuda"):
+            with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
+                res = pool.submit(_worker, (config, name)).result()
+        else:
+            res = run_policy(config, name)
+        res["flatness"] = flatness(res["chunk_seconds"])
+        results[name] = res
+    summary = {
+        name: {
+            "median_chunk_seconds": statistics.median(r["chunk_seconds"]),
+            "flatness": r["flatness"],
+            "max_context_tokens": max(r["context_tokens"]),
+            "final_memory_bytes": r["memory_bytes"][-1],
+            "peak_mb": r["peak_mb"],
+        }
+        for name, r in results.items()
+    }
+    ego = results.get("egolcd", {}).get("flatness")
+    return {
+        "preset": config.preset,
+        "device": config.device if not config.device.startswith("cuda") else torch.cuda.get_device_name(),
+        "dtype": config.dtype,
+        "steps": config.steps,
+        "chunks": config.chunks,
+        "torch_threads": config.threads or torch.get_num_threads(),
+        "policies": results,
+        "summary": summary,
+        "flatness_target": {"ratio": ego, "target": FLATNESS_TARGET, "met": None if ego is None else ego <= FLATNESS_TARGET},
+    }
+
+
+def plot_bench(result: dict[str, Any], path: str | Path) -> None:
+    """Seconds, context tokens and memory per chunk, one line per policy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for name, r in result["policies"].items():
+        x = range(len(r["chunk_seconds"]))
+        axes[0].plot(x, r["chunk_seconds"], label=name)
+        axes[1].plot(x, r["context_tokens"], label=name)
+        axes[2].plot(x, [b / 2**20 for b in r["memory_bytes"]], label=name)
+    for ax, title in zip(axes, ("seconds per chunk", "context tokens per layer", "memory (MiB)")):
+        ax.set_title(title)
+        ax.set_xlabel("chunk")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(f"egolcd bench: {result['preset']} on {result['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def format_table(result: dict[str, Any]) -> str:
+    rows = [f"{'policy':<12} {'s/chunk':>9} {'flatness':>9} {'ctx tok':>8} {'mem MiB':>9} {'peak MB':>9}"]
+    for name, s in result["summary"].items():
+        flat = "-" if s["flatness"] is None else f"{s['flatness']:.3f}"
+        rows.append(
+            f"{name:<12} {s['median_chunk_seconds']:>9.4f} {flat:>9} {s['max_context_tokens']:>8d} "
+            f"{s['final_memory_bytes'] / 2**20:>9.3f} {s['peak_mb']:>9.1f}"
+        )
+    return "\n".join(rows)
+
+
+def bench_main(config: BenchConfig, json_path: str | None = None, plot_path: str | None = None) -> dict[str, Any]:
+    for out in (json_path, plot_path):
+        if out and not Path(out).resolve().parent.is_dir():
+            raise FileNotFoundError(f"cannot write to {Path(out).resolve().parent}: directory does not exist")
+    result = run_bench(config)
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=2))
+    if plot_path:
+        plot_bench(result, plot_path)
+    return result
