@@ -26,11 +26,19 @@ class LayerKV:
         key: ``(B, T, heads, head_dim)`` after the key RMS norm, before rotary encoding.
         value: ``(B, T, heads, head_dim)``.
         pos: ``(B, T, 3)`` int64 grid positions ``(frame, row, col)`` of each token.
+        rotated_key: optional cache of ``key`` with rotary encoding at ``pos`` applied (``with_rotary``):
+            a chunk's context is read by every denoising step, so it is rotated once per chunk.
     """
 
     key: Tensor
     value: Tensor
     pos: Tensor
+    rotated_key: Tensor | None = None
+
+    def with_rotary(self, theta: float = 10000.0) -> LayerKV:
+        """The same tokens with their rotary-encoded keys cached (positions as they are now)."""
+        cos, sin = rope_cos_sin(self.pos, self.key.shape[-1], theta)
+        return LayerKV(self.key, self.value, self.pos, apply_rope(self.key, cos, sin))
 
     def __len__(self) -> int:
         return int(self.key.shape[1])

@@ -315,8 +315,8 @@ class MemoryPolicy:
         layers = None
         if items:
             n_layers = len(items[0].kv)
-            layers = [
-                LayerKV.cat([it.kv[layer].shift_frames(d) for it, d in zip(items, parts_per_item)])
+            layers = [  # keys rotated once here: every denoising step of the chunk reads them
+                LayerKV.cat([it.kv[layer].shift_frames(d) for it, d in zip(items, parts_per_item)]).with_rotary()
                 for layer in range(n_layers)
             ]
         return ChunkContext(layers, base, abs_start, spans, items)
@@ -327,7 +327,9 @@ class MemoryPolicy:
             return None
         shift = ctx.frame_start - ctx.abs_frame_start
         n_layers = len(history[0].kv)
-        return [LayerKV.cat([h.kv[layer].shift_frames(shift) for h in history]) for layer in range(n_layers)]
+        return [
+            LayerKV.cat([h.kv[layer].shift_frames(shift) for h in history]).with_rotary() for layer in range(n_layers)
+        ]
 
     # ------------------------------------------------------------------ write
     def write(

@@ -141,8 +141,11 @@ class EgoLCDTransformerBlock(nn.Module):
             k_cur = apply_rope(k, io.cos, io.sin)
             if ctx is None or len(ctx) == 0:
                 return k_cur, v
-            c_cos, c_sin = rope_cos_sin(ctx.pos, k.shape[-1])
-            k_ctx = apply_rope(ctx.key.to(k.dtype), c_cos, c_sin)
+            if ctx.rotated_key is not None:
+                k_ctx = ctx.rotated_key.to(k.dtype)
+            else:
+                c_cos, c_sin = rope_cos_sin(ctx.pos, k.shape[-1])
+                k_ctx = apply_rope(ctx.key.to(k.dtype), c_cos, c_sin)
             return torch.cat([k_ctx, k_cur], dim=1), torch.cat([ctx.value.to(v.dtype), v], dim=1)
 
         keys, values = read(io.context)
