@@ -27,9 +27,10 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, KeyError)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from .data.sources import MissingDependencyError
     from .train import TrainingAborted
 
-    return (*USER_ERRORS, TrainingAborted)
+    return (*USER_ERRORS, TrainingAborted, MissingDependencyError)
 
 
 def _default_model_dir() -> Path:
@@ -95,6 +96,26 @@ def cmd_generate(args: argparse.Namespace) -> int:
     logger.info("wrote %s: %d frames at %d fps (%d chunks)", result.path, result.num_frames, result.fps, result.num_chunks)
     sys.stdout.write(f"{result.path}\n")
     return 0
+
+
+def cmd_prepare_data(args: argparse.Namespace) -> int:
+    from .data.sources import prepare_data
+
+    width, height = _parse_size(args.size)
+    out = prepare_data(
+        args.source, args.out, episodes=args.episodes, seconds=args.seconds, seed=args.seed, width=width,
+        height=height, fps=args.fps, progress=not args.quiet,
+    )
+    sys.stdout.write(f"{out}\n")
+    return 0
+
+
+def _parse_size(text: str) -> tuple[int, int]:
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--size must look like 64x64 (WIDTHxHEIGHT), got {text!r}") from None
+    return width, height
 
 
 def cmd_create_model(args: argparse.Namespace) -> int:
@@ -236,6 +257,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=int, default=64)
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_prepare_latents)
+
+    p = sub.add_parser("prepare-data", help="render a simulated egocentric dataset (EgoVid-5M layout + narratives)")
+    p.add_argument("source", help="memory-maze or tabletop (needs egolcd[sim])")
+    p.add_argument("--out", required=True)
+    p.add_argument("--episodes", type=int, default=8)
+    p.add_argument("--seconds", type=float, default=30.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", default="64x64", help="WIDTHxHEIGHT")
+    p.add_argument("--fps", type=int, default=8)
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_prepare_data)
 
     p = sub.add_parser("create-model", help="write a randomly initialised model of a preset (diffusers layout)")
     p.add_argument("directory")

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# System libraries for headless rendering of the simulated sources (egolcd prepare-data memory-maze|tabletop).
+#   memory-maze: MuJoCo through dm_control with MUJOCO_GL=osmesa (CPU, libosmesa6) or MUJOCO_GL=egl (GPU).
+#   tabletop:    pybullet's CPU TinyRenderer needs no GL; libgl1 covers PyOpenGL's import.
+# Idempotent: installs only what is missing. Needs root (or sudo) and Debian/Ubuntu apt.
+set -euo pipefail
+
+PACKAGES=(libosmesa6 libegl1 libgl1)
+
+missing=()
+for pkg in "${PACKAGES[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed"; then
+    missing+=("$pkg")
+  fi
+done
+
+if [ ${#missing[@]} -eq 0 ]; then
+  echo "sim system deps: all present (${PACKAGES[*]})"
+  exit 0
+fi
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then
+  if command -v sudo >/dev/null 2>&1; then SUDO="sudo"; else
+    echo "sim system deps: missing ${missing[*]}; run as root: apt-get install -y ${missing[*]}" >&2
+    exit 1
+  fi
+fi
+
+echo "sim system deps: installing ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq
+$SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
