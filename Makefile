@@ -24,7 +24,7 @@ lint: venv
 	$(VENV)/bin/ruff check egolcd tests
 
 demo: venv
-	$(VENV)/bin/egolcd generate examples/kitchen_revisit.yaml -o outputs/kitchen_revisit.mp4
+	$(VENV)/bin/egolcd generate examples/maze_revisit.yaml -o outputs/maze_revisit.mp4
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache
