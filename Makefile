@@ -24,7 +24,9 @@ lint: venv
 	$(VENV)/bin/ruff check egolcd tests
 
 demo: venv
+	@mkdir -p outputs
 	$(VENV)/bin/egolcd generate examples/maze_revisit.yaml -o outputs/maze_revisit.mp4
+	@echo "video written to outputs/maze_revisit.mp4"
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache
