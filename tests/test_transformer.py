@@ -253,3 +253,12 @@ def test_save_pretrained_round_trip_is_diffusers_layout(tmp_path):
     loaded = EgoLCDTransformer3DModel.from_pretrained(tmp_path).eval()
     for (k1, v1), (k2, v2) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert k1 == k2 and torch.equal(v1, v2)
+
+
+def test_top_level_names():
+    import egolcd
+
+    assert egolcd.EgoLCDTransformer3DModel is EgoLCDTransformer3DModel
+    assert {"MemoryPolicy", "LongTermSparseKVCache", "EgoLCDPipeline", "memory_regulation_loss"} <= set(egolcd.__all__)
+    with pytest.raises(AttributeError):
+        egolcd.nothing_here  # noqa: B018
