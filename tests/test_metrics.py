@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -295,10 +296,13 @@ segments:
 def videos(tmp_path: Path) -> dict[str, str]:
     canvas = _canvas()
     (tmp_path / "walk.yaml").write_text(NARRATIVE)
+    back = _write(tmp_path / "back.mp4", _pan(canvas, XS_RETURN))
+    # the reference is the same footage; copied, since libx264 output is not byte-reproducible
+    shutil.copyfile(back, tmp_path / "ref.mp4")
     return {
-        "back": _write(tmp_path / "back.mp4", _pan(canvas, XS_RETURN)),
+        "back": back,
         "away": _write(tmp_path / "away.mp4", _pan(canvas, XS_ELSEWHERE)),
-        "ref": _write(tmp_path / "ref.mp4", _pan(canvas, XS_RETURN)),
+        "ref": str(tmp_path / "ref.mp4"),
         "narrative": str(tmp_path / "walk.yaml"),
     }
 
