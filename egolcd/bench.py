@@ -191,9 +191,11 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def bench_main(config: BenchConfig, json_path: str | None = None, plot_path: str | None = None) -> dict[str, Any]:
+    from .video_io import check_writable_dir
+
     for out in (json_path, plot_path):
-        if out and not Path(out).resolve().parent.is_dir():
-            raise FileNotFoundError(f"cannot write to {Path(out).resolve().parent}: directory does not exist")
+        if out:
+            check_writable_dir(Path(out).resolve().parent)
     result = run_bench(config)
     if json_path:
         Path(json_path).write_text(json.dumps(result, indent=2))

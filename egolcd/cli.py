@@ -52,11 +52,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _check_output(path: Path) -> None:
-    parent = path.resolve().parent
-    if not parent.is_dir():
-        raise FileNotFoundError(f"cannot write to {parent}: directory does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise PermissionError(f"cannot write to {parent}: permission denied")
+    from .video_io import check_writable_dir
+
+    check_writable_dir(path.resolve().parent)
     if path.suffix.lower() != ".mp4":
         raise ValueError(f"output must be an .mp4 file, got {path.name}")
 
@@ -73,13 +71,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     model_dir = Path(args.model) if args.model else _default_model_dir()
     if args.model is None and not (model_dir / "egolcd_config.json").is_file():
         raise FileNotFoundError(
-            "the embedded demo model is not available yet (it is trained in a later milestone); "
+            f"the embedded demo model is missing from {model_dir} (an incomplete install?); "
             "pass --model DIR (e.g. one made by `egolcd create-model DIR --preset tiny`)"
         )
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = EgoLCDPipeline.from_pretrained(model_dir, device=device)
-    pipe.compile(narrative)  # schedule and size are checked before anything is written
-    pipe.video_size(narrative)
     result = pipe(
         narrative,
         output,

@@ -33,6 +33,11 @@ from .config import MemoryConfig
 STATE_FORMAT = "egolcd-memory-state/1"
 
 
+def _top_tokens(score: Tensor, k: int) -> Tensor:
+    """Indices ``(B, k)`` of the ``k`` highest scores per row, in time (index) order."""
+    return torch.topk(score, k, dim=1).indices.sort(dim=1).values
+
+
 @dataclass
 class MemoryChunk:
     """One chunk's tokens in memory.
@@ -134,8 +139,7 @@ class LongTermSparseKVCache:
             k = max(1, math.ceil(keep_ratio * n))
             if not bool((score > 0).any()):  # fallback: no attention mass recorded yet -> key norm
                 score = kv.key.float().flatten(2).norm(dim=-1)
-            top = torch.topk(score, k, dim=1).indices.sort(dim=1).values  # (B, k)
-            index.append(top)
+            index.append(_top_tokens(score, k))  # (B, k)
         return item.keep(index)
 
     def _victim(self) -> int:
@@ -154,7 +158,7 @@ class LongTermSparseKVCache:
                 self.entries.pop(i)
                 continue
             keep = entry.num_tokens - excess
-            index = [torch.topk(s, keep, dim=1).indices.sort(dim=1).values for s in entry.importance]
+            index = [_top_tokens(s, keep) for s in entry.importance]
             self.entries[i] = entry.keep(index)
 
     def write(self, item: MemoryChunk) -> MemoryChunk:

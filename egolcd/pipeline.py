@@ -169,6 +169,28 @@ def generate_chunk(
     return x0, ctx
 
 
+def save_model_dir(
+    directory: str | Path, transformer: EgoLCDTransformer3DModel, vae: VideoVAE, config: GenerationConfig
+) -> None:
+    """Write a model folder (``transformer/``, ``vae/``, ``scheduler/``, ``model_index.json``,
+    ``egolcd_config.json``); the text encoder is named in the config, not saved."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    transformer.save_pretrained(directory / "transformer")
+    vae.save_pretrained(directory / "vae")
+    make_scheduler("unipc", config.steps, config.shift).save_pretrained(directory / "scheduler")
+    index = {
+        "_class_name": "EgoLCDPipeline",
+        "_egolcd_version": __version__,
+        "transformer": ["egolcd", "EgoLCDTransformer3DModel"],
+        "vae": ["diffusers", "AutoencoderKLWan"],
+        "scheduler": ["diffusers", "UniPCMultistepScheduler"],
+        "text_encoder": ["egolcd", config.text_encoder],
+    }
+    (directory / "model_index.json").write_text(json.dumps(index, indent=2))
+    (directory / CONFIG_NAME).write_text(json.dumps(asdict(config), indent=2))
+
+
 class EgoLCDPipeline:
     """Long egocentric video from a structured narrative with EgoLCD memory.
 
@@ -263,21 +285,7 @@ class EgoLCDPipeline:
         return cls(transformer.to(device), vae, text, config)
 
     def save_pretrained(self, directory: str | Path) -> None:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        self.transformer.save_pretrained(directory / "transformer")
-        self.vae.save_pretrained(directory / "vae")
-        make_scheduler("unipc", self.config.steps, self.config.shift).save_pretrained(directory / "scheduler")
-        index = {
-            "_class_name": "EgoLCDPipeline",
-            "_egolcd_version": __version__,
-            "transformer": ["egolcd", "EgoLCDTransformer3DModel"],
-            "vae": ["diffusers", "AutoencoderKLWan"],
-            "scheduler": ["diffusers", "UniPCMultistepScheduler"],
-            "text_encoder": ["egolcd", self.config.text_encoder],
-        }
-        (directory / "model_index.json").write_text(json.dumps(index, indent=2))
-        (directory / CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=2))
+        save_model_dir(directory, self.transformer, self.vae, self.config)
 
     # ------------------------------------------------------------------ generation
     def compile(self, narrative: Narrative | str | Path) -> tuple[Narrative, CompiledNarrative]:

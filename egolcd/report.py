@@ -30,7 +30,7 @@ from .metrics import (
     score_video,
 )
 from .narrative import CompiledNarrative, Narrative, compile_narrative, load_narrative
-from .video_io import VideoReadError, probe_video, read_video
+from .video_io import VideoReadError, check_writable_dir, probe_video, read_video
 
 logger = logging.getLogger(__name__)
 
@@ -173,11 +173,7 @@ def _evaluating(path: str) -> Iterator[None]:
 
 
 def _check_writable(path: Path) -> None:
-    parent = path.expanduser().resolve().parent
-    if not parent.is_dir():
-        raise FileNotFoundError(f"cannot write to {parent}: directory does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise PermissionError(f"cannot write to {parent}: permission denied")
+    check_writable_dir(path.expanduser().resolve().parent)
 
 
 def _write_text(path: Path, text: str) -> None:

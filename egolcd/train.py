@@ -618,12 +618,10 @@ def build_model(cfg: TrainConfig, init_dir: Path) -> EgoLCDTransformer3DModel:
 
 
 def _save_model_dir(directory: Path, transformer: EgoLCDTransformer3DModel, vae: Any, config: Any) -> None:
-    """``EgoLCDPipeline.save_pretrained`` without loading a text encoder (it only reads these three)."""
-    from .pipeline import EgoLCDPipeline
+    """A model folder without loading a text encoder."""
+    from .pipeline import save_model_dir
 
-    EgoLCDPipeline.save_pretrained(
-        types.SimpleNamespace(transformer=transformer, vae=vae, config=config), directory
-    )
+    save_model_dir(directory, transformer, vae, config)
 
 
 def _generation_config(cfg: TrainConfig, init_dir: Path) -> Any:

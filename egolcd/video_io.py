@@ -99,7 +99,8 @@ def to_uint8_frames(video: torch.Tensor | np.ndarray, layout: str = "CTHW") -> n
 
 
 # ---------------------------------------------------------------------------------------------- writing
-def _check_writable_dir(directory: Path) -> None:
+def check_writable_dir(directory: Path) -> None:
+    """Raise a one-line ``OSError`` unless ``directory`` exists, is a directory and is writable."""
     if not directory.exists():
         raise FileNotFoundError(f"cannot write to {directory}: directory does not exist")
     if not directory.is_dir():
@@ -155,7 +156,7 @@ class VideoWriter:
         if pix_fmt.startswith(("yuv422", "yuvj422")) and self.width % 2:
             raise ValueError(f"width must be even for {pix_fmt}, got {self.width}")
         directory = self.path.parent
-        _check_writable_dir(directory)
+        check_writable_dir(directory)
         if self.path.is_dir():
             raise IsADirectoryError(f"cannot write to {self.path}: it is a directory")
         self.frames_written = 0

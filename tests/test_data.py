@@ -46,12 +46,8 @@ GOOD = ["P01_0_16", "P02_8_40", "P03_0_32", "P04_0_20"]
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny convolutions are far faster single-threaded on small CPU boxes
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread_module):
     yield
-    torch.set_num_threads(threads)
 
 
 def _shapes(t: int, h: int = 64, w: int = 64, seed: int = 0) -> np.ndarray:

@@ -79,12 +79,8 @@ def make_cfg(out: Path, **overrides):
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models: faster single-threaded, and immune to OpenMP spinning on a busy small CPU box
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread_module):
     yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)
