@@ -11,8 +11,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_PIN)"
-	bash scripts/install_sim_system_deps.sh
-	$(PY) -m pip install -q -e ".[dev,sim]"
+	bash scripts/install_system_deps.sh
+	$(PY) -m pip install -q -e ".[dev,sim,studio]"
 	touch $@
 
 venv: $(VENV)/.installed

@@ -70,7 +70,7 @@ SOURCES: dict[str, tuple[str, str]] = {
     "memory-maze": ("egolcd.data.sources.memory_maze", "MemoryMazeSource"),
     "tabletop": ("egolcd.data.sources.tabletop", "TabletopSource"),
 }
-#: What ``pip install egolcd[sim]`` installs (headless rendering also needs ``scripts/install_sim_system_deps.sh``).
+#: What ``pip install egolcd[sim]`` installs (headless rendering also needs ``scripts/install_system_deps.sh``).
 SIM_INSTALL = (
     'pip install "memory-maze==1.0.3" "dm-control==1.0.50" "mujoco==3.17.0" "gym==0.26.2" "pybullet==3.2.7"'
 )

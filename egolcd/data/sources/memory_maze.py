@@ -40,7 +40,7 @@ except Exception as exc:  # the OpenGL backend failed to load: a system library 
     raise MissingDependencyError(
         f"source 'memory-maze' cannot load the MuJoCo OpenGL backend MUJOCO_GL={os.environ['MUJOCO_GL']} "
         f"({type(exc).__name__}: {first}); install the system libraries with "
-        "scripts/install_sim_system_deps.sh (apt-get install libosmesa6 libegl1 libgl1), "
+        "scripts/install_system_deps.sh (apt-get install libosmesa6 libegl1 libgl1), "
         "or set MUJOCO_GL=egl on a GPU machine"
     ) from None
 
