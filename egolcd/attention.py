@@ -28,12 +28,18 @@ class LayerKV:
         pos: ``(B, T, 3)`` int64 grid positions ``(frame, row, col)`` of each token.
         rotated_key: optional cache of ``key`` with rotary encoding at ``pos`` applied (``with_rotary``):
             a chunk's context is read by every denoising step, so it is rotated once per chunk.
+        storage: optional ``(rotated keys, values)`` buffers, each ``(B, capacity, heads, head_dim)``,
+            whose first ``len(self)`` tokens are this context (a ``ContextArena`` view). Attention then
+            writes the current chunk's keys/values into the free tail in place instead of concatenating
+            (no allocation and no copy of the context per denoising step). In such views ``key`` is the
+            rotated key (the pre-rotary keys stay in memory, not in the arena).
     """
 
     key: Tensor
     value: Tensor
     pos: Tensor
     rotated_key: Tensor | None = None
+    storage: tuple[Tensor, Tensor] | None = None
 
     def with_rotary(self, theta: float = 10000.0) -> LayerKV:
         """The same tokens with their rotary-encoded keys cached (positions as they are now)."""
@@ -121,14 +127,19 @@ def rope_cos_sin(pos: Tensor, head_dim: int, theta: float = 10000.0) -> tuple[Te
     return cos, sin
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate consecutive pairs of ``x`` ``(B, T, heads, head_dim)`` (Wan's ``apply_rotary_emb``)."""
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, out: Tensor | None = None) -> Tensor:
+    """Rotate consecutive pairs of ``x`` ``(B, T, heads, head_dim)`` (Wan's ``apply_rotary_emb``).
+
+    Args:
+        out: optional destination like ``x`` (e.g. a slice of a preallocated buffer), written in place.
+    """
     x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
     c, s = cos[..., 0::2], sin[..., 1::2]
-    out = torch.empty_like(x)
+    if out is None:
+        out = torch.empty_like(x)
     out[..., 0::2] = x1 * c - x2 * s
     out[..., 1::2] = x1 * s + x2 * c
-    return out.type_as(x)
+    return out
 
 
 def grid_positions(

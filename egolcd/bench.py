@@ -8,24 +8,30 @@ long-term store); per policy: peak RSS (CPU) or peak CUDA memory.
 
 Flatness target (bounded cost at any length): for ``egolcd``, median seconds of the last 8 chunks over
 the median of chunks 4-11 <= 1.15; ``dense`` grows with length.
+
+Throughput: pixel frames per second (``vae_temporal * chunk_frames`` pixel frames per chunk, VAE
+excluded) over the steady state (last 8 chunks), and the fraction of the device's measured matmul peak
+(``mfu``): matmul FLOPs per chunk are counted analytically (``chunk_flops``) at the last chunk's context
+size, the peak is measured once with a large matmul in the bench dtype.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import multiprocessing as mp
 import resource
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .config import MEMORY_POLICIES, get_preset
+from .config import MEMORY_POLICIES, MemoryConfig, get_preset
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +43,10 @@ class BenchConfig:
     """Args: preset: sizes; chunks: chunks per policy; policies: names; device: cpu or cuda; steps:
     sampling steps per chunk; height, width: pixel size (default: the preset's); dtype: float32 or
     bfloat16; seed; threads: CPU threads (``None``: PyTorch's default; 1 avoids oversubscription
-    stalls on small, busy machines)."""
+    stalls on small, busy machines); compile: ``torch.compile`` the transformer blocks (regional,
+    dynamic shapes); offload: keep the long-term store's keys/values in CPU memory; text_tokens: prompt
+    length (512 for umT5 in Wan2.1); arena: preallocated context buffers (``False``: concatenate
+    new tensors every step, the training path; for side-by-side comparison)."""
 
     preset: str = "tiny"
     chunks: int = 64
@@ -50,6 +59,10 @@ class BenchConfig:
     seed: int = 0
     segments: int = 8
     threads: int | None = None
+    compile: bool = False
+    offload: bool = False
+    text_tokens: int = 32
+    arena: bool = True
 
 
 def _sync(device: str) -> None:
@@ -57,12 +70,59 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def forward_flops(cfg: Any, tokens: int, context: int, text_tokens: int, attention_mass: bool = False) -> int:
+    """Matmul FLOPs (2 per multiply-add) of one ``forward_chunk`` of the transformer.
+
+    Args:
+        cfg: the transformer config (Wan keys). tokens: current-chunk tokens N. context: memory tokens
+            per layer. text_tokens: prompt tokens L. attention_mass: also count the importance pass.
+    """
+    d = cfg.num_attention_heads * cfg.attention_head_dim
+    n, t, length = tokens, context + tokens, text_tokens
+    patch = math.prod(cfg.patch_size)
+    per_layer = (
+        4 * 2 * n * d * d  # self-attention q, k, v, out projections
+        + 2 * 2 * n * t * d  # q @ k^T and probs @ v over [context + current]
+        + 2 * 2 * n * d * d  # cross-attention q, out
+        + 2 * 2 * length * d * d  # cross-attention k, v over the text
+        + 2 * 2 * n * d * cfg.ffn_dim  # feed-forward
+        + (2 * n * t * d if attention_mass else 0)  # importance: q @ k^T once more
+    )
+    embed = (
+        2 * n * cfg.in_channels * patch * d  # patch embedding
+        + 2 * length * (cfg.text_dim * d + d * d)  # text projection (2 linears)
+        + 2 * n * d * cfg.out_channels * patch  # output projection
+    )
+    return cfg.num_layers * per_layer + embed
+
+
+def chunk_flops(cfg: Any, tokens: int, context: int, text_tokens: int, steps: int, attention_mass: bool) -> int:
+    """FLOPs of one chunk: ``steps`` denoising forwards and the clean (memory-write) pass."""
+    denoise = steps * forward_flops(cfg, tokens, context, text_tokens)
+    return denoise + forward_flops(cfg, tokens, context, text_tokens, attention_mass)
+
+
+def measure_matmul_peak(device: str, dtype: torch.dtype, size: int | None = None, reps: int = 10) -> float:
+    """Achieved FLOP/s of a large square matmul: the device's practical peak for this dtype."""
+    size = size or (8192 if device.startswith("cuda") else 1024)
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    _sync(device)
+    return 2 * size**3 * reps / (time.perf_counter() - t0)
+
+
 @torch.inference_mode()
 def run_policy(config: BenchConfig, policy_name: str) -> dict[str, Any]:
     """Generate ``config.chunks`` chunks under one policy; per-chunk timings and sizes."""
     from .flow import get_sampler, get_sigmas
-    from .memory import MemoryPolicy
-    from .pipeline import generate_chunk
+    from .memory import ContextArena, MemoryPolicy
+    from .pipeline import compile_transformer, generate_chunk
     from .transformer import EgoLCDTransformer3DModel
 
     preset = get_preset(config.preset)
@@ -73,15 +133,22 @@ def run_policy(config: BenchConfig, policy_name: str) -> dict[str, Any]:
     model = EgoLCDTransformer3DModel.from_preset(config.preset).to(device=device).eval()
     if dtype != torch.float32:
         model = model.to(dtype=dtype)
+    if config.compile:
+        compile_transformer(model)
     k = preset.chunk_frames
     height, width = config.height or preset.height, config.width or preset.width
     latent_hw = (height // preset.vae_spatial, width // preset.vae_spatial)
-    policy = MemoryPolicy.from_name(policy_name, k, preset.memory)
+    memory = preset.memory
+    if config.offload:
+        memory = MemoryConfig(**{**asdict(memory), "offload_long_term": "cpu"})
+    policy = MemoryPolicy.from_name(policy_name, k, memory)
     state = policy.init_state()
+    n_tokens = k * model.tokens_per_frame(*latent_hw)
+    arena = ContextArena(reserve=n_tokens) if config.arena else None
     g = torch.Generator().manual_seed(config.seed)
-    texts = torch.randn(config.segments, 1, 32, model.config.text_dim, generator=g).to(device, dtype)
+    texts = torch.randn(config.segments, 1, config.text_tokens, model.config.text_dim, generator=g).to(device, dtype)
     keys = torch.nn.functional.normalize(torch.randn(config.segments, 1, 64, generator=g), dim=-1).to(device)
-    sigmas = get_sigmas(config.steps, 5.0, device=device)
+    sigmas = get_sigmas(config.steps, 5.0)
     sample = get_sampler("euler")
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -91,7 +158,9 @@ def run_policy(config: BenchConfig, policy_name: str) -> dict[str, Any]:
         noise = torch.randn((1, preset.latent_channels, k, *latent_hw), generator=g).to(device, dtype)
         _sync(device)
         t0 = time.perf_counter()
-        _, ctx = generate_chunk(model, policy, state, noise, texts[seg], keys[seg], seg, [], sigmas, sample)
+        _, ctx = generate_chunk(
+            model, policy, state, noise, texts[seg], keys[seg], seg, [], sigmas, sample, arena=arena
+        )
         _sync(device)
         seconds.append(time.perf_counter() - t0)
         tokens.append(ctx.tokens_per_layer)
@@ -100,7 +169,20 @@ def run_policy(config: BenchConfig, policy_name: str) -> dict[str, Any]:
         peak_mb = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-    return {"chunk_seconds": seconds, "context_tokens": tokens, "memory_bytes": mem_bytes, "peak_mb": peak_mb}
+    steady = statistics.median(seconds[-8:])
+    flops = chunk_flops(
+        model.config, n_tokens, tokens[-1], config.text_tokens, config.steps, policy.needs_attention_mass
+    )
+    peak_flops = measure_matmul_peak(device, dtype)
+    return {
+        "chunk_seconds": seconds, "context_tokens": tokens, "memory_bytes": mem_bytes, "peak_mb": peak_mb,
+        "frames_per_second": preset.vae_temporal * k / steady,
+        "flops_per_chunk": flops,
+        "matmul_peak_tflops": peak_flops / 1e12,
+        "mfu": flops / steady / peak_flops,
+        "arena_mb": arena.nbytes / 2**20 if arena else 0.0,
+        "arena_reallocations": arena.reallocations if arena else 0,
+    }
 
 
 def _worker(args: tuple[BenchConfig, str]) -> dict[str, Any]:
@@ -138,6 +220,8 @@ def run_bench(config: BenchConfig, isolate: bool = True) -> dict[str, Any]:
             "max_context_tokens": max(r["context_tokens"]),
             "final_memory_bytes": r["memory_bytes"][-1],
             "peak_mb": r["peak_mb"],
+            "frames_per_second": r["frames_per_second"],
+            "mfu": r["mfu"],
         }
         for name, r in results.items()
     }
@@ -148,6 +232,9 @@ def run_bench(config: BenchConfig, isolate: bool = True) -> dict[str, Any]:
         "dtype": config.dtype,
         "steps": config.steps,
         "chunks": config.chunks,
+        "size": [config.height or get_preset(config.preset).height, config.width or get_preset(config.preset).width],
+        "compile": config.compile,
+        "offload": config.offload,
         "torch_threads": config.threads or torch.get_num_threads(),
         "policies": results,
         "summary": summary,
@@ -180,12 +267,15 @@ def plot_bench(result: dict[str, Any], path: str | Path) -> None:
 
 
 def format_table(result: dict[str, Any]) -> str:
-    rows = [f"{'policy':<12} {'s/chunk':>9} {'flatness':>9} {'ctx tok':>8} {'mem MiB':>9} {'peak MB':>9}"]
+    rows = [
+        f"{'policy':<12} {'s/chunk':>9} {'frames/s':>9} {'MFU':>6} {'flatness':>9} {'ctx tok':>8} "
+        f"{'mem MiB':>9} {'peak MB':>9}"
+    ]
     for name, s in result["summary"].items():
         flat = "-" if s["flatness"] is None else f"{s['flatness']:.3f}"
         rows.append(
-            f"{name:<12} {s['median_chunk_seconds']:>9.4f} {flat:>9} {s['max_context_tokens']:>8d} "
-            f"{s['final_memory_bytes'] / 2**20:>9.3f} {s['peak_mb']:>9.1f}"
+            f"{name:<12} {s['median_chunk_seconds']:>9.4f} {s['frames_per_second']:>9.2f} {s['mfu']:>6.1%} "
+            f"{flat:>9} {s['max_context_tokens']:>8d} {s['final_memory_bytes'] / 2**20:>9.3f} {s['peak_mb']:>9.1f}"
         )
     return "\n".join(rows)
 

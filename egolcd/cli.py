@@ -75,11 +75,24 @@ def cmd_generate(args: argparse.Namespace) -> int:
             "pass --model DIR (e.g. one made by `egolcd create-model DIR --preset tiny`)"
         )
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = EgoLCDPipeline.from_pretrained(model_dir, device=device)
+    dtype_name = args.dtype if args.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
+    pipe = EgoLCDPipeline.from_pretrained(model_dir, device=device, dtype=getattr(torch, dtype_name))
+    if args.compile:
+        from .pipeline import compile_transformer
+
+        compile_transformer(pipe.transformer)
+    memory = None
+    if args.memory or args.offload_memory:
+        from dataclasses import replace
+
+        memory = replace(
+            pipe.config.memory, policy=args.memory or pipe.config.memory.policy,
+            offload_long_term="cpu" if args.offload_memory else None,
+        )
     result = pipe(
         narrative,
         output,
-        memory=args.memory,
+        memory=memory,
         steps=args.steps,
         guidance=args.guidance,
         seed=args.seed,
@@ -160,6 +173,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     config = BenchConfig(
         preset=args.preset, chunks=args.chunks, policies=policies, device=args.device, steps=args.steps,
         dtype=args.dtype, height=args.height, width=args.width, threads=args.threads,
+        compile=args.compile, offload=args.offload, text_tokens=args.text_tokens,
     )
     result = bench_main(config, json_path=args.json, plot_path=args.plot)
     sys.stdout.write(format_table(result) + "\n")
@@ -167,6 +181,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if target["ratio"] is not None:
         verdict = "met" if target["met"] else "NOT met"
         sys.stdout.write(f"egolcd flatness {target['ratio']:.3f} (target <= {target['target']}): {verdict}\n")
+    return 0
+
+
+def cmd_studio(args: argparse.Namespace) -> int:
+    from .studio import StudioConfig, launch_studio
+
+    model = Path(args.model) if args.model else _default_model_dir()
+    config = StudioConfig(model=model, host=args.host, port=args.port, device=args.device, outputs=Path(args.outputs))
+    launch_studio(config)
     return 0
 
 
@@ -237,6 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-state-every", type=int, default=8)
     p.add_argument("--resume", help="resume from a saved memory state")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="transformer and KV-cache precision (auto: bfloat16 on cuda, float32 on cpu)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks")
+    p.add_argument("--offload-memory", action="store_true", help="keep the long-term store in CPU memory")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_generate)
 
@@ -307,9 +334,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
     p.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks")
+    p.add_argument("--offload", action="store_true", help="keep the long-term store in CPU memory")
+    p.add_argument("--text-tokens", type=int, default=32, help="prompt tokens (Wan2.1's umT5: 512)")
     p.add_argument("--json", help="write the per-chunk results as JSON")
     p.add_argument("--plot", help="write a PNG plot of cost vs chunk index")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("studio", help="local web studio: write a narrative, watch the video stream in, inspect memory")
+    p.add_argument("--model", help="model directory (default: the embedded demo model)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: localhost only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--outputs", default="outputs/studio", help="folder for the generated videos")
+    p.set_defaults(func=cmd_studio)
 
     p = sub.add_parser("train-vae", help="train the embedded video VAE on an EgoVid-format dataset")
     p.add_argument("data", help="dataset root (metadata.csv + videos/)")

@@ -29,6 +29,9 @@ class MemoryConfig:
         threshold: optional minimum cosine similarity for a retrieved entry.
         max_entries: long-term store budget in entries.
         max_tokens: long-term store budget in tokens per layer (``None``: ``max_entries * k``).
+        offload_long_term: device the long-term store's keys/values live on (e.g. ``"cpu"`` to keep GPU
+            memory for the window); ``None`` keeps them on the compute device. Retrieved entries are
+            copied back per chunk.
     """
 
     policy: str = "egolcd"
@@ -39,6 +42,7 @@ class MemoryConfig:
     threshold: float | None = None
     max_entries: int = 32
     max_tokens: int | None = None
+    offload_long_term: str | None = None
 
     def __post_init__(self) -> None:
         if self.policy not in MEMORY_POLICIES:

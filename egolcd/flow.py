@@ -262,7 +262,9 @@ def cfg_denoiser(cond: Denoiser, uncond: Denoiser, guidance: float) -> Denoiser:
 
 
 def _check_sigmas(x: Tensor, sigmas: Tensor) -> Tensor:
-    sigmas = torch.as_tensor(sigmas, device=x.device, dtype=torch.float32)
+    """Validated schedule, kept on the host: step sizes are then CPU scalars that GPU kernels take as
+    arguments, and checks such as ``s_next == 0`` need no device-to-host sync inside the step loop."""
+    sigmas = torch.as_tensor(sigmas, dtype=torch.float32).cpu()
     if sigmas.ndim != 1 or sigmas.numel() < 2:
         raise ValueError(f"sigmas must be 1-D with >= 2 entries, got shape {tuple(sigmas.shape)}")
     if not bool((sigmas[1:] < sigmas[:-1]).all()):
@@ -271,7 +273,7 @@ def _check_sigmas(x: Tensor, sigmas: Tensor) -> Tensor:
 
 
 def _t_batch(sigma: Tensor, x: Tensor) -> Tensor:
-    return sigma.expand(x.shape[0])
+    return sigma.to(x.device, non_blocking=True).expand(x.shape[0])
 
 
 def sample_euler(

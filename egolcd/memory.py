@@ -27,10 +27,17 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from .attention import LayerKV
+from .attention import LayerKV, apply_rope, rope_cos_sin
 from .config import MemoryConfig
 
 STATE_FORMAT = "egolcd-memory-state/1"
+
+
+def _offload(kv: LayerKV, device: str, pin: bool) -> LayerKV:
+    out = kv.to(device)
+    if pin:
+        out = LayerKV(out.key.pin_memory(), out.value.pin_memory(), out.pos.pin_memory())
+    return out
 
 
 def _top_tokens(score: Tensor, k: int) -> Tensor:
@@ -71,7 +78,7 @@ class MemoryChunk:
         return MemoryChunk(
             chunk=self.chunk,
             segment=self.segment,
-            kv=[kv.gather(ix) for kv, ix in zip(self.kv, per_layer)],
+            kv=[kv.gather(ix.to(kv.key.device)) for kv, ix in zip(self.kv, per_layer)],
             importance=[torch.gather(s, 1, ix) for s, ix in zip(self.importance, per_layer)],
             embedding=self.embedding,
             retrievals=self.retrievals,
@@ -116,11 +123,15 @@ class LongTermSparseKVCache:
     tokens per layer. Eviction rule: while over a budget, the least-retrieved entry (ties: the oldest)
     loses its lowest-importance tokens; an entry with no tokens left, or the victim of an entry-count
     overflow, is removed whole.
+
+    ``offload_device`` (e.g. ``"cpu"``): entries' keys/values live there (pinned when CUDA is present)
+    and are copied to the compute device only when retrieved; embeddings and importance stay put.
     """
 
     keep_ratio: float
     max_entries: int
     max_tokens: int | None = None
+    offload_device: str | None = None
     entries: list[MemoryChunk] = field(default_factory=list)
 
     def tokens_per_layer(self) -> int:
@@ -137,8 +148,9 @@ class LongTermSparseKVCache:
         for kv, score in zip(item.kv, item.importance):
             n = len(kv)
             k = max(1, math.ceil(keep_ratio * n))
-            if not bool((score > 0).any()):  # fallback: no attention mass recorded yet -> key norm
-                score = kv.key.float().flatten(2).norm(dim=-1)
+            # fallback when no attention mass was recorded (per row): key norm; chosen on device, no sync
+            recorded = (score > 0).any(dim=1, keepdim=True)  # (B, 1)
+            score = torch.where(recorded, score, kv.key.float().flatten(2).norm(dim=-1))
             index.append(_top_tokens(score, k))  # (B, k)
         return item.keep(index)
 
@@ -166,6 +178,9 @@ class LongTermSparseKVCache:
         if self.max_entries == 0:
             return item
         entry = self.sparsify(item, self.keep_ratio)
+        if self.offload_device is not None:
+            pin = torch.cuda.is_available() and torch.device(self.offload_device).type == "cpu"
+            entry.kv = [_offload(kv, self.offload_device, pin) for kv in entry.kv]
         self.entries.append(entry)
         self._enforce_budgets()
         return entry
@@ -225,6 +240,66 @@ class ChunkContext:
         ]
 
 
+class ContextArena:
+    """Preallocated per-layer buffers for ``[context | current chunk]`` (the inference fast path).
+
+    ``MemoryPolicy.context(..., arena=)`` writes the context's rotary-encoded keys, values and positions
+    into these buffers once per chunk; the transformer then writes each denoising step's current-chunk
+    keys/values into the tail in place. With a bounded policy the capacity stops growing after the
+    first chunks, so the chunk loop allocates nothing for attention context. Buffers grow (x1.5) when a
+    context plus ``reserve`` current tokens does not fit (``dense`` grows with the video).
+
+    Args:
+        reserve: tokens kept free after the context (the current chunk's tokens per layer).
+    """
+
+    def __init__(self, reserve: int, growth: float = 1.5) -> None:
+        self.reserve = reserve
+        self.growth = growth
+        self.capacity = 0
+        self.reallocations = 0
+        self.key: list[Tensor] = []
+        self.value: list[Tensor] = []
+        self.pos: list[Tensor] = []
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.key, *self.value, *self.pos))
+
+    def ensure(self, n_layers: int, tokens: int, like: LayerKV) -> None:
+        """Room for ``tokens + reserve`` tokens per layer, shaped and typed like ``like``."""
+        need = tokens + self.reserve
+        b, _, h, d = like.value.shape
+        same = self.key and self.key[0].dtype == like.value.dtype and self.key[0].device == like.value.device
+        if need <= self.capacity and same and len(self.key) == n_layers and self.key[0].shape[0] == b:
+            return
+        cap = max(need, int(self.capacity * self.growth)) if same else need
+        kw = {"dtype": like.value.dtype, "device": like.value.device}
+        self.key = [torch.empty(b, cap, h, d, **kw) for _ in range(n_layers)]
+        self.value = [torch.empty(b, cap, h, d, **kw) for _ in range(n_layers)]
+        self.pos = [torch.empty(b, cap, 3, dtype=torch.long, device=like.value.device) for _ in range(n_layers)]
+        self.capacity = cap
+        self.reallocations += 1
+
+    def fill(
+        self, layer: int, parts: Sequence[tuple[LayerKV, int]], theta: float = 10000.0
+    ) -> LayerKV:
+        """Write ``parts`` (tokens, frame offset) of one layer in order; return the context view."""
+        buf_k, buf_v, buf_p = self.key[layer], self.value[layer], self.pos[layer]
+        start = 0
+        for kv, offset in parts:
+            end = start + len(kv)
+            pos = buf_p[:, start:end]
+            pos.copy_(kv.pos, non_blocking=True)
+            pos[..., 0] += offset
+            cos, sin = rope_cos_sin(pos, kv.key.shape[-1], theta)
+            apply_rope(kv.key.to(buf_k.device, non_blocking=True), cos, sin, out=buf_k[:, start:end])
+            buf_v[:, start:end].copy_(kv.value, non_blocking=True)
+            start = end
+        view_k = buf_k[:, :start]
+        return LayerKV(view_k, buf_v[:, :start], buf_p[:, :start], rotated_key=view_k, storage=(buf_k, buf_v))
+
+
 @dataclass
 class MemoryState:
     """All memory of one generation (or one training clip): explicit, saved and restored whole."""
@@ -278,12 +353,17 @@ class MemoryPolicy:
         max_entries = c.max_entries if self.long_term else 0
         return MemoryState(
             window=ShortTermWindow(self.window_chunks, self.sink),
-            store=LongTermSparseKVCache(c.keep_ratio, max_entries, c.max_tokens),
+            store=LongTermSparseKVCache(c.keep_ratio, max_entries, c.max_tokens, c.offload_long_term),
         )
 
     # ------------------------------------------------------------------ read
     def context(
-        self, state: MemoryState, embedding: Tensor, revisit: Sequence[int] = (), count_retrieval: bool = True
+        self,
+        state: MemoryState,
+        embedding: Tensor,
+        revisit: Sequence[int] = (),
+        count_retrieval: bool = True,
+        arena: ContextArena | None = None,
     ) -> ChunkContext:
         """The context of chunk ``state.chunk``.
 
@@ -291,6 +371,8 @@ class MemoryPolicy:
             embedding: ``(B, E)`` pooled prompt embedding of the chunk's segment.
             revisit: segment indices whose long-term entries are forced in (``revisit:`` in a narrative).
             count_retrieval: count this read for the eviction order (off for side computations).
+            arena: preallocated buffers to build the context in (inference); ``None`` concatenates new
+                tensors (training, where autograd needs them).
         """
         k = self.chunk_frames
         abs_start = state.chunk * k
@@ -319,10 +401,20 @@ class MemoryPolicy:
         layers = None
         if items:
             n_layers = len(items[0].kv)
-            layers = [  # keys rotated once here: every denoising step of the chunk reads them
-                LayerKV.cat([it.kv[layer].shift_frames(d) for it, d in zip(items, parts_per_item)]).with_rotary()
-                for layer in range(n_layers)
-            ]
+            device = embedding.device
+            if arena is not None:
+                arena.ensure(n_layers, offset, items[-1].kv[0])
+                layers = [  # keys rotated once here, into the arena: every denoising step reads them
+                    arena.fill(layer, [(it.kv[layer], d) for it, d in zip(items, parts_per_item)])
+                    for layer in range(n_layers)
+                ]
+            else:
+                layers = [  # keys rotated once here: every denoising step of the chunk reads them
+                    LayerKV.cat(
+                        [it.kv[layer].to(device).shift_frames(d) for it, d in zip(items, parts_per_item)]
+                    ).with_rotary()
+                    for layer in range(n_layers)
+                ]
         return ChunkContext(layers, base, abs_start, spans, items)
 
     def reference_context(self, history: Sequence[MemoryChunk], ctx: ChunkContext) -> list[LayerKV] | None:

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .config import MemoryConfig, Preset, get_preset
 from .flow import cfg_denoiser, get_sampler, get_sigmas, make_scheduler, to_model_timestep
-from .memory import ChunkContext, MemoryPolicy, MemoryState
+from .memory import ChunkContext, ContextArena, MemoryPolicy, MemoryState
 from .narrative import CompiledNarrative, Narrative, compile_narrative, load_narrative
 from .text import TextEncoder, load_text_encoder
 from .transformer import EgoLCDTransformer3DModel
@@ -144,20 +144,23 @@ def generate_chunk(
     sampler: Callable[..., Tensor],
     negative: Tensor | None = None,
     guidance: float = 1.0,
+    arena: ContextArena | None = None,
 ) -> tuple[Tensor, ChunkContext]:
     """One chunk of the EgoLCD loop: read memory, denoise, write memory (state advances by one chunk).
 
     Args:
         noise: ``(B, C, K, h, w)`` starting noise. text: ``(B, L, D)`` the segment's token states.
         key: ``(B, E)`` pooled prompt embedding (memory key). revisit: forced segments.
-        sigmas, sampler: the sampling schedule and function (``egolcd.flow``).
+        sigmas, sampler: the sampling schedule (on the host) and function (``egolcd.flow``).
+        arena: preallocated context buffers reused across chunks (``ContextArena``); the returned
+            context's tensors are views into it, valid until the next chunk.
 
     Returns:
         ``(x0, ctx)``: the clean latents and the context the chunk saw.
     """
     k = noise.shape[2]
     # 1. Read memory: what this chunk sees
-    ctx = policy.context(state, key, revisit)
+    ctx = policy.context(state, key, revisit, arena=arena)
     # 2. Denoise
     x0 = sampler(chunk_denoiser(transformer, ctx, text, negative, guidance), noise, sigmas)
     # 3. Write memory: a clean pass (t = 0) gives the chunk's keys/values and importance
@@ -167,6 +170,14 @@ def generate_chunk(
     )
     policy.write(state, ctx, clean.kv, key, segment, clean.attention_mass)
     return x0, ctx
+
+
+def compile_transformer(transformer: EgoLCDTransformer3DModel, **compile_kwargs: Any) -> EgoLCDTransformer3DModel:
+    """``torch.compile`` each transformer block in place (regional compilation, diffusers'
+    ``compile_repeated_blocks``), with dynamic shapes: the context length changes from chunk to chunk
+    until the memory budget is reached. Same outputs; the first chunks pay the compile time."""
+    transformer.compile_repeated_blocks(**{"dynamic": True, **compile_kwargs})
+    return transformer
 
 
 def save_model_dir(
@@ -365,7 +376,7 @@ class EgoLCDPipeline:
         negative = None
         if guidance != 1.0:
             negative = self.text_encoder.encode([cfg.negative_prompt]).tokens.to(device, self.transformer.dtype)
-        sigmas = get_sigmas(steps, cfg.shift, device=device)
+        sigmas = get_sigmas(steps, cfg.shift)  # on the host: no device sync in the step loop
 
         # 2. Memory state: new, or resumed
         state = policy.init_state()
@@ -383,6 +394,7 @@ class EgoLCDPipeline:
         if max_chunks is not None:
             total_frames = min(total_frames, self.vae.num_pixel_frames(n_chunks * k))
 
+        arena = ContextArena(reserve=k * self.transformer.tokens_per_frame(*latent_hw))
         decoder = StreamingDecoder(self.vae)
         reports: list[ChunkReport] = []
         written = 0
@@ -412,7 +424,7 @@ class EgoLCDPipeline:
                     noise = torch.randn((1, self.vae.latent_channels, k, *latent_hw), generator=g)
                     x0, ctx = generate_chunk(
                         self.transformer, policy, state, noise.to(device, self.transformer.dtype),
-                        tokens[seg : seg + 1], key, seg, revisit, sigmas, sample, negative, guidance,
+                        tokens[seg : seg + 1], key, seg, revisit, sigmas, sample, negative, guidance, arena,
                     )
                     latents_so_far.append(x0)
                     # 7. Decode and stream to the mp4

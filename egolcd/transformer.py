@@ -138,6 +138,14 @@ class EgoLCDTransformerBlock(nn.Module):
         q = apply_rope(q, io.cos, io.sin)
 
         def read(ctx: LayerKV | None) -> tuple[Tensor, Tensor]:
+            if ctx is not None and ctx.storage is not None and not torch.is_grad_enabled():
+                # Preallocated [context | current] buffers: write the current chunk into the tail in place
+                buf_k, buf_v = ctx.storage
+                start, end = len(ctx), len(ctx) + k.shape[1]
+                if end <= buf_k.shape[1] and buf_k.dtype == k.dtype:
+                    apply_rope(k, io.cos, io.sin, out=buf_k[:, start:end])
+                    buf_v[:, start:end].copy_(v)
+                    return buf_k[:, :end], buf_v[:, :end]  # (B, T_ctx + N, h, d) views
             k_cur = apply_rope(k, io.cos, io.sin)
             if ctx is None or len(ctx) == 0:
                 return k_cur, v
@@ -214,6 +222,7 @@ class EgoLCDTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
 
     _supports_gradient_checkpointing = True
     _no_split_modules = ["EgoLCDTransformerBlock"]
+    _repeated_blocks = ["EgoLCDTransformerBlock"]  # regional torch.compile (compile_repeated_blocks)
     _keep_in_fp32_modules = ["time_embedder", "scale_shift_table", "norm1", "norm2", "norm3"]
     _keys_to_ignore_on_load_unexpected = ["norm_added_q"]
     _skip_layerwise_casting_patterns = ["patch_embedding", "condition_embedder", "norm"]
