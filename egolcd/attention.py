@@ -131,14 +131,16 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, out: Tensor | None = None) -
     """Rotate consecutive pairs of ``x`` ``(B, T, heads, head_dim)`` (Wan's ``apply_rotary_emb``).
 
     Args:
-        out: optional destination like ``x`` (e.g. a slice of a preallocated buffer), written in place.
+        out: optional destination like ``x`` (e.g. a slice of a preallocated buffer; may be ``x`` itself),
+            written in place.
     """
     x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
     c, s = cos[..., 0::2], sin[..., 1::2]
+    even, odd = x1 * c - x2 * s, x1 * s + x2 * c  # both computed before writing: out may alias x
     if out is None:
         out = torch.empty_like(x)
-    out[..., 0::2] = x1 * c - x2 * s
-    out[..., 1::2] = x1 * s + x2 * c
+    out[..., 0::2] = even
+    out[..., 1::2] = odd
     return out
 
 

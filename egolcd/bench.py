@@ -132,7 +132,7 @@ def run_policy(config: BenchConfig, policy_name: str) -> dict[str, Any]:
     torch.manual_seed(config.seed)
     model = EgoLCDTransformer3DModel.from_preset(config.preset).to(device=device).eval()
     if dtype != torch.float32:
-        model = model.to(dtype=dtype)
+        model = model.to_dtype(dtype)
     if config.compile:
         compile_transformer(model)
     k = preset.chunk_frames

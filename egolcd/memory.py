@@ -287,17 +287,19 @@ class ContextArena:
         """Write ``parts`` (tokens, frame offset) of one layer in order; return the context view."""
         buf_k, buf_v, buf_p = self.key[layer], self.value[layer], self.pos[layer]
         start = 0
-        for kv, offset in parts:
+        for kv, offset in parts:  # 1. copy tokens in (from the offload device too), re-index frames
             end = start + len(kv)
-            pos = buf_p[:, start:end]
-            pos.copy_(kv.pos, non_blocking=True)
-            pos[..., 0] += offset
-            cos, sin = rope_cos_sin(pos, kv.key.shape[-1], theta)
-            apply_rope(kv.key.to(buf_k.device, non_blocking=True), cos, sin, out=buf_k[:, start:end])
+            buf_p[:, start:end].copy_(kv.pos, non_blocking=True)
+            if offset:
+                buf_p[:, start:end, 0] += offset
+            buf_k[:, start:end].copy_(kv.key, non_blocking=True)
             buf_v[:, start:end].copy_(kv.value, non_blocking=True)
             start = end
-        view_k = buf_k[:, :start]
-        return LayerKV(view_k, buf_v[:, :start], buf_p[:, :start], rotated_key=view_k, storage=(buf_k, buf_v))
+        # 2. rotate all context keys at once, in place
+        view_k, view_p = buf_k[:, :start], buf_p[:, :start]
+        cos, sin = rope_cos_sin(view_p, buf_k.shape[-1], theta)
+        apply_rope(view_k, cos, sin, out=view_k)
+        return LayerKV(view_k, buf_v[:, :start], view_p, rotated_key=view_k, storage=(buf_k, buf_v))
 
 
 @dataclass

@@ -288,6 +288,16 @@ class EgoLCDTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
 
         return cls(**{**get_preset(name).transformer, **overrides})
 
+    def to_dtype(self, dtype: torch.dtype) -> EgoLCDTransformer3DModel:
+        """Cast in place as ``from_pretrained(torch_dtype=dtype)`` does: parameters of the modules in
+        ``_keep_in_fp32_modules`` (timestep MLP, modulation tables, norms) stay float32."""
+        keep = set(self._keep_in_fp32_modules)
+        with torch.no_grad():
+            for name, param in self.named_parameters():
+                target = torch.float32 if keep.intersection(name.split(".")) else dtype
+                param.data = param.data.to(target)
+        return self
+
     @property
     def num_layers(self) -> int:
         return len(self.blocks)

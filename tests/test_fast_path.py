@@ -28,7 +28,7 @@ CUDA = torch.cuda.is_available()
 
 def make_model(dtype: torch.dtype = torch.float32, device: str = "cpu") -> EgoLCDTransformer3DModel:
     torch.manual_seed(0)
-    return EgoLCDTransformer3DModel.from_preset("tiny").eval().to(device=device, dtype=dtype)
+    return EgoLCDTransformer3DModel.from_preset("tiny").eval().to(device=device).to_dtype(dtype)
 
 
 def make_inputs(chunks: int, segments: int = 3, seed: int = 1):
@@ -45,7 +45,7 @@ def run_chunks(
     steps: int = 2,
 ):
     """``chunks`` chunks through ``generate_chunk``; the segment cycles so retrieval has choices."""
-    dtype = next(model.parameters()).dtype
+    dtype = model.dtype
     memory = replace(PRESET.memory, offload_long_term=offload)
     policy = MemoryPolicy.from_name(policy_name, K, memory)
     state = policy.init_state()
