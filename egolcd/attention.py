@@ -175,7 +175,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Te
     return out.transpose(1, 2)
 
 
-def attention_mass(q: Tensor, k: Tensor, num_context: int, query_block: int = 1024) -> Tensor:
+def attention_mass(q: Tensor, k: Tensor, num_context: int, query_block: int | None = None) -> Tensor:
     """Attention mass received by each of the first ``num_context`` keys.
 
     The softmax is over *all* keys (context + current), as in the attention itself; the mass is the
@@ -184,11 +184,14 @@ def attention_mass(q: Tensor, k: Tensor, num_context: int, query_block: int = 10
     Args:
         q: ``(B, Tq, h, d)`` rotary-encoded queries; k: ``(B, Tk, h, d)`` rotary-encoded keys.
         num_context: how many leading keys are memory context.
+        query_block: queries per softmax block (default: as many as keep one block's probabilities
+            within 2**26 float32 values, 256 MiB).
 
     Returns:
         ``(B, num_context)`` float32.
     """
     b, tq, h, d = q.shape
+    query_block = query_block or max(16, (1 << 26) // (b * h * k.shape[1]))
     scale = 1.0 / math.sqrt(d)
     kt = k.transpose(1, 2).float()  # (B, h, Tk, d)
     total = q.new_zeros((b, num_context), dtype=torch.float32)
