@@ -16,6 +16,9 @@ $EGOLCD bench "${common[@]}" --chunks 80 --policies egolcd,window,none \
   --json outputs/h100/bench-eager.json --plot outputs/h100/bench-eager.png
 $EGOLCD bench "${common[@]}" --chunks 80 --policies egolcd,window --compile \
   --json outputs/h100/bench-compile.json --plot outputs/h100/bench-compile.png
+# importance from every 4th query (MemoryConfig.importance_query_stride): the cost of the clean pass's mass
+$EGOLCD bench "${common[@]}" --chunks 80 --policies egolcd,window --compile --importance-stride 4 \
+  --json outputs/h100/bench-compile-stride4.json
 # 3. the fast path's options side by side (arena vs concatenation, compile, long-term store offload)
 $PY benchmarks/fast_path.py "${common[@]}" --chunks 24 --repeats 2 --variants arena,concat,compile,offload \
   --out outputs/h100/fast_path.json

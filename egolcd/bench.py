@@ -45,7 +45,7 @@ class BenchConfig:
     bfloat16; seed; threads: CPU threads (``None``: PyTorch's default; 1 avoids oversubscription
     stalls on small, busy machines); compile: ``torch.compile`` the transformer blocks (regional,
     dynamic shapes); offload: keep the long-term store's keys/values in CPU memory; text_tokens: prompt
-    length (512 for umT5 in Wan2.1); arena: preallocated context buffers (``False``: concatenate
+    length (512 for umT5 in Wan2.1); importance_stride: ``MemoryConfig.importance_query_stride``; arena: preallocated context buffers (``False``: concatenate
     new tensors every step, the training path; for side-by-side comparison)."""
 
     preset: str = "tiny"
@@ -63,6 +63,7 @@ class BenchConfig:
     offload: bool = False
     text_tokens: int = 32
     arena: bool = True
+    importance_stride: int = 1
 
 
 def _sync(device: str) -> None:
@@ -70,12 +71,15 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def forward_flops(cfg: Any, tokens: int, context: int, text_tokens: int, attention_mass: bool = False) -> int:
+def forward_flops(
+    cfg: Any, tokens: int, context: int, text_tokens: int, attention_mass: bool = False, mass_stride: int = 1
+) -> int:
     """Matmul FLOPs (2 per multiply-add) of one ``forward_chunk`` of the transformer.
 
     Args:
         cfg: the transformer config (Wan keys). tokens: current-chunk tokens N. context: memory tokens
-            per layer. text_tokens: prompt tokens L. attention_mass: also count the importance pass.
+            per layer. text_tokens: prompt tokens L. attention_mass: also count the importance pass (over
+            every ``mass_stride``-th query).
     """
     d = cfg.num_attention_heads * cfg.attention_head_dim
     n, t, length = tokens, context + tokens, text_tokens
@@ -86,7 +90,7 @@ def forward_flops(cfg: Any, tokens: int, context: int, text_tokens: int, attenti
         + 2 * 2 * n * d * d  # cross-attention q, out
         + 2 * 2 * length * d * d  # cross-attention k, v over the text
         + 2 * 2 * n * d * cfg.ffn_dim  # feed-forward
-        + (2 * n * t * d if attention_mass else 0)  # importance: q @ k^T once more
+        + (2 * -(-n // mass_stride) * t * d if attention_mass else 0)  # importance: q @ k^T once more
     )
     embed = (
         2 * n * cfg.in_channels * patch * d  # patch embedding
@@ -96,10 +100,12 @@ def forward_flops(cfg: Any, tokens: int, context: int, text_tokens: int, attenti
     return cfg.num_layers * per_layer + embed
 
 
-def chunk_flops(cfg: Any, tokens: int, context: int, text_tokens: int, steps: int, attention_mass: bool) -> int:
+def chunk_flops(
+    cfg: Any, tokens: int, context: int, text_tokens: int, steps: int, attention_mass: bool, mass_stride: int = 1
+) -> int:
     """FLOPs of one chunk: ``steps`` denoising forwards and the clean (memory-write) pass."""
     denoise = steps * forward_flops(cfg, tokens, context, text_tokens)
-    return denoise + forward_flops(cfg, tokens, context, text_tokens, attention_mass)
+    return denoise + forward_flops(cfg, tokens, context, text_tokens, attention_mass, mass_stride)
 
 
 def measure_matmul_peak(device: str, dtype: torch.dtype, size: int | None = None, reps: int = 10) -> float:
@@ -138,9 +144,10 @@ def run_policy(config: BenchConfig, policy_name: str) -> dict[str, Any]:
     k = preset.chunk_frames
     height, width = config.height or preset.height, config.width or preset.width
     latent_hw = (height // preset.vae_spatial, width // preset.vae_spatial)
-    memory = preset.memory
-    if config.offload:
-        memory = MemoryConfig(**{**asdict(memory), "offload_long_term": "cpu"})
+    memory = MemoryConfig(
+        **{**asdict(preset.memory), "offload_long_term": "cpu" if config.offload else None,
+           "importance_query_stride": config.importance_stride}
+    )
     policy = MemoryPolicy.from_name(policy_name, k, memory)
     state = policy.init_state()
     n_tokens = k * model.tokens_per_frame(*latent_hw)
@@ -171,7 +178,8 @@ def run_policy(config: BenchConfig, policy_name: str) -> dict[str, Any]:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     steady = statistics.median(seconds[-8:])
     flops = chunk_flops(
-        model.config, n_tokens, tokens[-1], config.text_tokens, config.steps, policy.needs_attention_mass
+        model.config, n_tokens, tokens[-1], config.text_tokens, config.steps, policy.needs_attention_mass,
+        policy.config.importance_query_stride,
     )
     peak_flops = measure_matmul_peak(device, dtype)
     return {

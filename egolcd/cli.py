@@ -174,6 +174,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         preset=args.preset, chunks=args.chunks, policies=policies, device=args.device, steps=args.steps,
         dtype=args.dtype, height=args.height, width=args.width, threads=args.threads,
         compile=args.compile, offload=args.offload, text_tokens=args.text_tokens,
+        importance_stride=args.importance_stride,
     )
     result = bench_main(config, json_path=args.json, plot_path=args.plot)
     sys.stdout.write(format_table(result) + "\n")
@@ -337,6 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks")
     p.add_argument("--offload", action="store_true", help="keep the long-term store in CPU memory")
     p.add_argument("--text-tokens", type=int, default=32, help="prompt tokens (Wan2.1's umT5: 512)")
+    p.add_argument("--importance-stride", type=int, default=1,
+                   help="estimate importance from every s-th query (1 = exact)")
     p.add_argument("--json", help="write the per-chunk results as JSON")
     p.add_argument("--plot", help="write a PNG plot of cost vs chunk index")
     p.set_defaults(func=cmd_bench)

@@ -32,6 +32,8 @@ class MemoryConfig:
         offload_long_term: device the long-term store's keys/values live on (e.g. ``"cpu"`` to keep GPU
             memory for the window); ``None`` keeps them on the compute device. Retrieved entries are
             copied back per chunk.
+        importance_query_stride: importance (attention mass received) is averaged over every s-th query
+            of the chunk: 1 is exact (METHOD.md); s > 1 is an unbiased estimate at 1/s of that pass's cost.
     """
 
     policy: str = "egolcd"
@@ -43,6 +45,7 @@ class MemoryConfig:
     max_entries: int = 32
     max_tokens: int | None = None
     offload_long_term: str | None = None
+    importance_query_stride: int = 1
 
     def __post_init__(self) -> None:
         if self.policy not in MEMORY_POLICIES:
@@ -53,6 +56,8 @@ class MemoryConfig:
             raise ValueError(f"keep_ratio must be in (0, 1], got {self.keep_ratio}")
         if self.top_m < 0 or self.max_entries < 0:
             raise ValueError("top_m and max_entries must be >= 0")
+        if self.importance_query_stride < 1:
+            raise ValueError(f"importance_query_stride must be >= 1, got {self.importance_query_stride}")
 
 
 @dataclass

@@ -134,6 +134,7 @@ def teacher_forcing_loss(
             clean = model.forward_chunk(
                 x0[:, :, sl], torch.zeros_like(ti).expand(-1, k), txt, ctx.layers, ctx.frame_start,
                 return_kv=True, return_attention_mass=policy.needs_attention_mass,
+                attention_mass_stride=policy.config.importance_query_stride,
             )
         history.append(policy.write(state, ctx, clean.kv, emb, segments[i], clean.attention_mass))
     flow = torch.stack(flow_terms).mean()

@@ -167,6 +167,7 @@ def generate_chunk(
     clean = transformer.forward_chunk(
         x0, torch.zeros(noise.shape[0], k, device=noise.device), text, ctx.layers, ctx.frame_start,
         return_kv=True, return_attention_mass=policy.needs_attention_mass,
+        attention_mass_stride=policy.config.importance_query_stride,
     )
     policy.write(state, ctx, clean.kv, key, segment, clean.attention_mass)
     return x0, ctx

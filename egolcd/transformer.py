@@ -79,6 +79,7 @@ class _LayerIO:
     mask: Tensor | None = None
     want_kv: bool = False
     want_mass: bool = False
+    mass_stride: int = 1
     kv: LayerKV | None = None
     mass: Tensor | None = None
     memory_output: tuple[Tensor, Tensor] | None = None
@@ -160,7 +161,7 @@ class EgoLCDTransformerBlock(nn.Module):
         out = attention(q, keys, values, io.mask).flatten(2, 3).type_as(q)  # (B, N, h*d)
         if io.want_mass:
             n_ctx = 0 if io.context is None else len(io.context)
-            io.mass = attention_mass(q.detach(), keys.detach(), n_ctx)
+            io.mass = attention_mass(q.detach()[:, :: io.mass_stride], keys.detach(), n_ctx)
         if io.reference is not None:
             with torch.no_grad():
                 ref_k, ref_v = read(io.reference)
@@ -412,6 +413,7 @@ class EgoLCDTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         reference_context: Sequence[LayerKV] | None = None,
         return_kv: bool = False,
         return_attention_mass: bool = False,
+        attention_mass_stride: int = 1,
         encoder_hidden_states_image: Tensor | None = None,
     ) -> ChunkOutput:
         """One chunk with an explicit memory context.
@@ -427,6 +429,8 @@ class EgoLCDTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
                 to it (no gradient) and both outputs are returned (Memory Regulation Loss).
             return_kv: return the chunk's own keys/values (pre-RoPE) for writing into memory.
             return_attention_mass: return per layer the mean attention probability of each context token.
+            attention_mass_stride: average that probability over every ``s``-th query only (an unbiased
+                estimate at ``1/s`` of the cost; 1 = all queries, exact).
         """
         b = hidden_states.shape[0]
         n_layers = self.num_layers
@@ -449,6 +453,7 @@ class EgoLCDTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
                 reference=None if reference_context is None else reference_context[i],
                 want_kv=return_kv,
                 want_mass=return_attention_mass,
+                mass_stride=attention_mass_stride,
             )
             for i in range(n_layers)
         ]
