@@ -4,6 +4,8 @@
     egolcd generate NARRATIVE.yaml -o out.mp4 [--model DIR] [--memory egolcd|dense|window|sink-window|none]
                     [--steps N] [--guidance G] [--seed S] [--save-state P] [--resume P]
     egolcd create-model DIR --preset tiny        # random weights, diffusers layout (tests, training start)
+    egolcd studio [--model DIR] [--port 7860]    # local web studio (Gradio, localhost)
+    egolcd bench --preset tiny [--device cuda --dtype bfloat16 --compile]   # speed/memory per policy
 
 Bad input ends with one line on stderr (``egolcd: error: ...``) and exit status 2; ``--debug`` shows the
 traceback instead.
