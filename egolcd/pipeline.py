@@ -176,7 +176,15 @@ def generate_chunk(
 def compile_transformer(transformer: EgoLCDTransformer3DModel, **compile_kwargs: Any) -> EgoLCDTransformer3DModel:
     """``torch.compile`` each transformer block in place (regional compilation, diffusers'
     ``compile_repeated_blocks``), with dynamic shapes: the context length changes from chunk to chunk
-    until the memory budget is reached. Same outputs; the first chunks pay the compile time."""
+    until the memory budget is reached. Same outputs; the first chunks pay the compile time.
+
+    A block sees a handful of graph variants (denoising vs the clean pass that returns K/V and
+    importance, with and without context, static then dynamic sizes), more than dynamo's default of 8
+    recompiles per function, past which it would silently fall back to eager: the limit is raised to 32.
+    """
+    import torch._dynamo.config as dynamo_config
+
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 32)
     transformer.compile_repeated_blocks(**{"dynamic": True, **compile_kwargs})
     return transformer
 

@@ -139,7 +139,8 @@ class EgoLCDTransformerBlock(nn.Module):
         q = apply_rope(q, io.cos, io.sin)
 
         def read(ctx: LayerKV | None) -> tuple[Tensor, Tensor]:
-            if ctx is not None and ctx.storage is not None and not torch.is_grad_enabled():
+            eager = not torch.compiler.is_compiling()  # compiled graphs concatenate (no input mutation)
+            if ctx is not None and ctx.storage is not None and eager and not torch.is_grad_enabled():
                 # Preallocated [context | current] buffers: write the current chunk into the tail in place
                 buf_k, buf_v = ctx.storage
                 start, end = len(ctx), len(ctx) + k.shape[1]
