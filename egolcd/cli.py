@@ -176,7 +176,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         preset=args.preset, chunks=args.chunks, policies=policies, device=args.device, steps=args.steps,
         dtype=args.dtype, height=args.height, width=args.width, threads=args.threads,
         compile=args.compile, offload=args.offload, text_tokens=args.text_tokens,
-        importance_stride=args.importance_stride,
+        importance_stride=args.importance_stride, repeats=args.repeats,
     )
     result = bench_main(config, json_path=args.json, plot_path=args.plot)
     sys.stdout.write(format_table(result) + "\n")
@@ -339,6 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's)")
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks")
     p.add_argument("--offload", action="store_true", help="keep the long-term store in CPU memory")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="time each chunk this many times and keep the fastest (robust to load spikes)")
     p.add_argument("--text-tokens", type=int, default=32, help="prompt tokens (Wan2.1's umT5: 512)")
     p.add_argument("--importance-stride", type=int, default=1,
                    help="estimate importance from every s-th query (1 = exact)")
