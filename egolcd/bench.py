@@ -12,7 +12,7 @@ the median of chunks 4-11 <= 1.15; ``dense`` grows with length.
 Throughput: pixel frames per second (``vae_temporal * chunk_frames`` pixel frames per chunk, VAE
 excluded) over the steady state (last 8 chunks), and the fraction of the device's measured matmul peak
 (``mfu``): matmul FLOPs per chunk are counted analytically (``chunk_flops``) at the last chunk's context
-size, the peak is measured once with a large matmul in the bench dtype.
+size, the peak is measured once per run with a large matmul in the bench dtype (``bench_matmul_peak``).
 """
 
 from __future__ import annotations
@@ -47,8 +47,9 @@ class BenchConfig:
     dynamic shapes); offload: keep the long-term store's keys/values in CPU memory; text_tokens: prompt
     length (512 for umT5 in Wan2.1); repeats: time each chunk this many times (the extra runs do the
     same work without writing memory) and keep the fastest, so a load spike on a shared machine does
-    not pass for growth with length; importance_stride: ``MemoryConfig.importance_query_stride``; arena: preallocated context buffers (``False``: concatenate
-    new tensors every step, the training path; for side-by-side comparison)."""
+    not pass for growth with length; importance_stride: ``MemoryConfig.importance_query_stride``;
+    arena: preallocated context buffers (``False``: concatenate new tensors every step, the training
+    path; for side-by-side comparison)."""
 
     preset: str = "tiny"
     chunks: int = 64
@@ -126,6 +127,23 @@ def measure_matmul_peak(device: str, dtype: torch.dtype, size: int | None = None
     return 2 * size**3 * reps / (time.perf_counter() - t0)
 
 
+def bench_matmul_peak(config: BenchConfig) -> float:
+    """``measure_matmul_peak`` for a bench configuration (its device, dtype and CPU threads), measured
+    once per benchmark run so every policy's MFU shares one denominator."""
+    threads = torch.get_num_threads()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    try:
+        return measure_matmul_peak(config.device, getattr(torch, config.dtype))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def mfu(result: dict[str, Any], peak_flops: float) -> float:
+    """Fraction of ``peak_flops`` a ``run_policy`` result achieved in its steady state (last 8 chunks)."""
+    return result["flops_per_chunk"] / statistics.median(result["chunk_seconds"][-8:]) / peak_flops
+
+
 @torch.inference_mode()
 def run_policy(config: BenchConfig, policy_name: str) -> dict[str, Any]:
     """Generate ``config.chunks`` chunks under one policy; per-chunk timings and sizes."""
@@ -188,13 +206,10 @@ def run_policy(config: BenchConfig, policy_name: str) -> dict[str, Any]:
         model.config, n_tokens, tokens[-1], config.text_tokens, config.steps, policy.needs_attention_mass,
         policy.config.importance_query_stride,
     )
-    peak_flops = measure_matmul_peak(device, dtype)
     return {
         "chunk_seconds": seconds, "context_tokens": tokens, "memory_bytes": mem_bytes, "peak_mb": peak_mb,
         "frames_per_second": preset.vae_temporal * k / steady,
         "flops_per_chunk": flops,
-        "matmul_peak_tflops": peak_flops / 1e12,
-        "mfu": flops / steady / peak_flops,
         "arena_mb": arena.nbytes / 2**20 if arena else 0.0,
         "arena_reallocations": arena.reallocations if arena else 0,
     }
@@ -230,6 +245,9 @@ def run_bench(config: BenchConfig, isolate: bool = True) -> dict[str, Any]:
             res = run_policy(config, name)
         res["flatness"] = flatness(res["chunk_seconds"])
         results[name] = res
+    peak_flops = bench_matmul_peak(config)
+    for res in results.values():
+        res["mfu"] = mfu(res, peak_flops)
     summary = {
         name: {
             "median_chunk_seconds": statistics.median(r["chunk_seconds"]),
@@ -254,6 +272,7 @@ def run_bench(config: BenchConfig, isolate: bool = True) -> dict[str, Any]:
         "compile": config.compile,
         "offload": config.offload,
         "torch_threads": config.threads or torch.get_num_threads(),
+        "matmul_peak_tflops": peak_flops / 1e12,
         "policies": results,
         "summary": summary,
         "flatness_target": {"ratio": ego, "target": FLATNESS_TARGET, "met": None if ego is None else ego <= FLATNESS_TARGET},
