@@ -261,7 +261,7 @@ def cfg_denoiser(cond: Denoiser, uncond: Denoiser, guidance: float) -> Denoiser:
 # --------------------------------------------------------------------------- native samplers
 
 
-def _check_sigmas(x: Tensor, sigmas: Tensor) -> Tensor:
+def _check_sigmas(sigmas: Tensor) -> Tensor:
     """Validated schedule, kept on the host: step sizes are then CPU scalars that GPU kernels take as
     arguments, and checks such as ``s_next == 0`` need no device-to-host sync inside the step loop."""
     sigmas = torch.as_tensor(sigmas, dtype=torch.float32).cpu()
@@ -298,7 +298,7 @@ def sample_euler(
     Returns:
         the sample at ``sigmas[-1]``, like ``x``.
     """
-    sigmas = _check_sigmas(x, sigmas)
+    sigmas = _check_sigmas(sigmas)
     for i in trange(len(sigmas) - 1, disable=disable_progress, desc="euler"):
         v = denoiser(x, _t_batch(sigmas[i], x))
         if callback is not None:
@@ -321,7 +321,7 @@ def sample_heun(
     Costs two model evaluations per step except the last-to-zero one. Arguments as
     :func:`sample_euler`.
     """
-    sigmas = _check_sigmas(x, sigmas)
+    sigmas = _check_sigmas(sigmas)
     for i in trange(len(sigmas) - 1, disable=disable_progress, desc="heun"):
         s, s_next = sigmas[i], sigmas[i + 1]
         v = denoiser(x, _t_batch(s, x))
@@ -448,7 +448,7 @@ def sampler_from_scheduler(scheduler: SchedulerMixin) -> Sampler:
         disable_progress: bool = True,
         generator: torch.Generator | None = None,
     ) -> Tensor:
-        sigmas_ = _check_sigmas(x, sigmas)
+        sigmas_ = _check_sigmas(sigmas)
         sched = _prepare_scheduler(scheduler, sigmas_)
         step_kwargs: dict[str, Any] = {}
         if "generator" in inspect.signature(sched.step).parameters:
