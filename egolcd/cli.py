@@ -28,6 +28,12 @@ logger = logging.getLogger("egolcd")
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, KeyError)
 
 
+def error_line(exc: BaseException) -> str:
+    """The one line a user error is reported as (``egolcd: error: ...``; the studio shows the same)."""
+    message = " ".join(str(exc).split()) or type(exc).__name__
+    return f"egolcd: error: {message}"
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
     from .data.sources import MissingDependencyError
     from .train import TrainingAborted
@@ -89,7 +95,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         memory = replace(
             pipe.config.memory, policy=args.memory or pipe.config.memory.policy,
-            offload_long_term="cpu" if args.offload_memory else None,
+            offload_long_term="cpu" if args.offload_memory else pipe.config.memory.offload_long_term,
         )
     result = pipe(
         narrative,
@@ -395,8 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     except _user_errors() as exc:
         if args.debug:
             raise
-        message = " ".join(str(exc).split()) or type(exc).__name__
-        sys.stderr.write(f"egolcd: error: {message}\n")
+        sys.stderr.write(error_line(exc) + "\n")
         return 2
 
 

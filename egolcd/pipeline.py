@@ -287,7 +287,10 @@ class EgoLCDPipeline:
             raise FileNotFoundError(f"model directory not found: {directory}")
         cfg_path = directory / CONFIG_NAME
         if not cfg_path.is_file():
-            raise FileNotFoundError(f"{directory} is not an egolcd model (no {CONFIG_NAME})")
+            raise FileNotFoundError(
+                f"{directory} is not an egolcd model (no {CONFIG_NAME}); "
+                "make one with `egolcd create-model DIR --preset tiny` or `egolcd export`"
+            )
         try:
             config = GenerationConfig.from_dict(json.loads(cfg_path.read_text()))
         except (json.JSONDecodeError, TypeError) as exc:

@@ -162,15 +162,9 @@ def drain(events: queue.Queue, wait: float = 0.25) -> list[tuple]:
 
 
 def load_pipeline(config: StudioConfig) -> EgoLCDPipeline:
-    """Load the model once for all sessions (a one-line error for a missing or broken folder)."""
+    """Load the model once for all sessions (``from_pretrained`` reports a missing or broken folder)."""
     from ..pipeline import EgoLCDPipeline
 
-    model = Path(config.model)
-    if not (model / "egolcd_config.json").is_file() and model.is_dir():
-        raise FileNotFoundError(
-            f"{model} is not an egolcd model (no egolcd_config.json); pass --model DIR "
-            "(e.g. one made by `egolcd create-model DIR --preset tiny`)"
-        )
-    return EgoLCDPipeline.from_pretrained(model, device=config.device)
+    return EgoLCDPipeline.from_pretrained(config.model, device=config.device)
 
 

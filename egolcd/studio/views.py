@@ -16,6 +16,7 @@ import numpy as np
 
 import egolcd
 
+from ..cli import error_line
 from ..config import PRESETS
 from ..narrative import CompiledNarrative, Narrative, compile_narrative, format_schedule, parse_narrative
 
@@ -38,12 +39,6 @@ WAITING = "queued: waiting for the model (one generation runs at a time)..."
 _YAML_LINE = re.compile(r"^(---\s*$|[A-Za-z_][\w-]*\s*:(\s|$))")
 EDITOR_SOURCE = "editor"  # how error messages name the editor's text (a file is named by its path)
 
-
-
-def error_line(exc: BaseException) -> str:
-    """The one line the CLI prints for a user error (``egolcd: error: ...``)."""
-    message = " ".join(str(exc).split()) or type(exc).__name__
-    return f"egolcd: error: {message}"
 
 
 def detect_format(text: str) -> str:
@@ -80,13 +75,13 @@ def parse_editor(
     narrative = parse_narrative(text, fmt, source=source)
     if pipeline is None:
         preset = PRESETS["demo"]
-        fps, chunk_frames, vae_temporal = narrative.fps or preset.fps, preset.chunk_frames, preset.vae_temporal
-    else:
-        fps = narrative.fps or pipeline.config.fps
-        chunk_frames, vae_temporal = pipeline.chunk_frames, pipeline.vae.temporal_factor
-    compiled = compile_narrative(narrative, fps=fps, chunk_frames=chunk_frames, vae_temporal=vae_temporal)
-    if pipeline is not None:
-        pipeline.video_size(narrative)
+        compiled = compile_narrative(
+            narrative, fps=narrative.fps or preset.fps, chunk_frames=preset.chunk_frames,
+            vae_temporal=preset.vae_temporal,
+        )
+        return narrative, compiled
+    _, compiled = pipeline.compile(narrative)
+    pipeline.video_size(narrative)
     return narrative, compiled
 
 
