@@ -420,15 +420,18 @@ def build_app(studio: Studio) -> Any:
         editor.change(studio.validate, [editor, fmt], [validation, schedule], trigger_mode="always_last",
                       show_progress="hidden")
         fmt.change(studio.validate, [editor, fmt], [validation, schedule], show_progress="hidden")
+        # trigger_mode="multiple": gradio's default ("once") drops a click that lands between a run's last
+        # update ("cancelled after ...") and the end of its event, so Generate right after Cancel did nothing.
+        # A click during a run is answered by _claim ("already running in this tab") instead.
         generate_btn.click(
             studio.generate, [session, editor, fmt, policy, steps, seed, max_chunks, example],
             [validation, progress, previews, video, chunk, table, summary, timeline, entry],
-            concurrency_limit=8, show_progress="hidden",
+            concurrency_limit=8, show_progress="hidden", trigger_mode="multiple",
         )
         compare_btn.click(
             studio.compare, [session, editor, fmt, policy_a, policy_b, steps, seed, max_chunks, example],
             [validation, compare_progress, video_a, video_b, revisits],
-            concurrency_limit=8, show_progress="hidden",
+            concurrency_limit=8, show_progress="hidden", trigger_mode="multiple",
         )
         # Cancel only sets the session's flag: the running handler itself reports "cancelled after N chunks"
         # (an output here could arrive after that final update and overwrite it).
