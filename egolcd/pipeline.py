@@ -145,7 +145,6 @@ def generate_chunk(
     negative: Tensor | None = None,
     guidance: float = 1.0,
     arena: ContextArena | None = None,
-    write: bool = True,
 ) -> tuple[Tensor, ChunkContext]:
     """One chunk of the EgoLCD loop: read memory, denoise, write memory (state advances by one chunk).
 
@@ -155,15 +154,13 @@ def generate_chunk(
         sigmas, sampler: the sampling schedule (on the host) and function (``egolcd.flow``).
         arena: preallocated context buffers reused across chunks (``ContextArena``); the returned
             context's tensors are views into it, valid until the next chunk.
-        write: store the chunk and advance the state; ``False`` does the same work and leaves the state
-            as it was (benchmark repeats).
 
     Returns:
         ``(x0, ctx)``: the clean latents and the context the chunk saw.
     """
     k = noise.shape[2]
     # 1. Read memory: what this chunk sees
-    ctx = policy.context(state, key, revisit, count_retrieval=write, arena=arena)
+    ctx = policy.context(state, key, revisit, arena=arena)
     # 2. Denoise
     x0 = sampler(chunk_denoiser(transformer, ctx, text, negative, guidance), noise, sigmas)
     # 3. Write memory: a clean pass (t = 0) gives the chunk's keys/values and importance
@@ -172,8 +169,7 @@ def generate_chunk(
         return_kv=True, return_attention_mass=policy.needs_attention_mass,
         attention_mass_stride=policy.config.importance_query_stride,
     )
-    if write:
-        policy.write(state, ctx, clean.kv, key, segment, clean.attention_mass)
+    policy.write(state, ctx, clean.kv, key, segment, clean.attention_mass)
     return x0, ctx
 
 
