@@ -40,14 +40,7 @@ pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 # 16 + 12 + 18 pixel frames at 8 fps: 7 chunks of the tiny preset (2 latent frames: 5 pixel frames in the first
 # chunk, 8 after; the last chunk keeps 1 frame); the revisit segment 'back' owns chunks 4-6
-SHORT = """\
-scene: a small kitchen with a white sink
-fps: 8
-segments:
-  - {id: sink, seconds: 2, action: rinses a mug}
-  - {id: stove, seconds: 1.5, action: turns to the stove}
-  - {id: back, seconds: 2.25, action: walks back to the sink, revisit: sink}
-"""
+SHORT = (Path(__file__).parent / "narratives" / "short_kitchen.yaml").read_text(encoding="utf-8")
 
 BAD = {
     "revisit.yaml": "segments:\n  - {id: a, action: walks}\n  - {id: b, action: turns, revisit: zzz}\n",

@@ -19,14 +19,7 @@ CHROMIUM_ARGS = [
 ]
 ARTIFACTS = Path(__file__).resolve().parents[1] / "outputs" / "test-artifacts"
 TIMEOUT_MS = 120_000
-SHORT = """\
-scene: a small kitchen with a white sink
-fps: 8
-segments:
-  - {id: sink, seconds: 2, action: rinses a mug}
-  - {id: stove, seconds: 1.5, action: turns to the stove}
-  - {id: back, seconds: 2.25, action: walks back to the sink, revisit: sink}
-"""
+SHORT = (Path(__file__).parent / "narratives" / "short_kitchen.yaml").read_text(encoding="utf-8")
 BAD = "segments:\n  - {id: a, seconds: 2, action: walks}\n  - {id: b, seconds: 2, action: turns, revisit: zzz}\n"
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[dev]')")
