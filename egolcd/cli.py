@@ -4,6 +4,7 @@
     egolcd generate NARRATIVE.yaml -o out.mp4 [--model DIR] [--memory egolcd|dense|window|sink-window|none]
                     [--steps N] [--guidance G] [--seed S] [--save-state P] [--resume P]
     egolcd create-model DIR --preset tiny        # random weights, diffusers layout (tests, training start)
+    egolcd convert SRC DST [--from auto|wan|self-forcing|causvid|longlive] [--ema] [--lora LORA.pt]
     egolcd studio [--model DIR] [--port 7860]    # local web studio (Gradio, localhost)
     egolcd bench --preset tiny [--device cuda --dtype bfloat16 --compile]   # speed/memory per policy
 
@@ -138,9 +139,24 @@ def _parse_size(text: str) -> tuple[int, int]:
 def cmd_create_model(args: argparse.Namespace) -> int:
     from .pipeline import EgoLCDPipeline
 
-    pipe = EgoLCDPipeline.from_preset(args.preset, seed=args.seed, vae_path=args.vae)
+    overrides = {"text_encoder_path": args.text_encoder_path} if args.text_encoder_path else {}
+    pipe = EgoLCDPipeline.from_preset(args.preset, seed=args.seed, vae_path=args.vae, **overrides)
     pipe.save_pretrained(args.directory)
     logger.info("wrote a randomly initialised %r model to %s", args.preset, args.directory)
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    import torch
+
+    from .convert import convert_checkpoint
+
+    result = convert_checkpoint(
+        args.src, args.dst, source_format=args.source_format, ema=args.ema, lora=args.lora,
+        lora_alpha=args.lora_alpha, num_heads=args.num_heads, chunk_frames=args.chunk_frames,
+        dtype=getattr(torch, args.dtype) if args.dtype else None, overwrite=args.overwrite,
+    )
+    sys.stdout.write(f"{result.directory}\n")
     return 0
 
 
@@ -263,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory", choices=MEMORY_POLICIES, help="memory policy (default: the model's, egolcd)")
     p.add_argument("--steps", type=int, help="sampling steps per chunk")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (1 = off)")
-    p.add_argument("--sampler", choices=["euler", "heun", "unipc", "flow_euler"])
+    p.add_argument("--sampler", choices=["euler", "heun", "unipc", "flow_euler", "distilled"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-state", help="save the memory state here (every --save-state-every chunks)")
     p.add_argument("--save-state-every", type=int, default=8)
@@ -305,8 +321,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("directory")
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     p.add_argument("--vae", help="a trained VAE folder to include (default: the preset's embedded VAE, untrained)")
+    p.add_argument("--text-encoder-path", help="umT5/T5 folder or hub id for presets that use one (wan2.1-*)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_create_model)
+
+    p = sub.add_parser("convert", help="original-layout Wan2.1 / Self-Forcing / CausVid / LongLive DiT -> diffusers folder")
+    p.add_argument("src", help=".safetensors (file, shard folder or index) or .pt (read with weights_only=True)")
+    p.add_argument("dst", help="output transformer folder (config.json + safetensors [+ lora/])")
+    p.add_argument("--from", dest="source_format", default="auto",
+                   choices=["auto", "wan", "self-forcing", "causvid", "longlive"])
+    p.add_argument("--ema", action="store_true", help="convert generator_ema instead of generator")
+    p.add_argument("--lora", help="a LoRA checkpoint on the original module names (LongLive's lora.pt)")
+    p.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: its rank, as LongLive)")
+    p.add_argument("--num-heads", type=int, help="attention heads (default: config.json's, else dim / 128)")
+    p.add_argument("--chunk-frames", type=int, default=3, help="latent frames per block-causal chunk")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast (default: keep)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("train", help="train/fine-tune with accelerate (`accelerate launch -m egolcd train` for many GPUs)")
     p.add_argument("config", help="training config YAML (see configs/train/)")

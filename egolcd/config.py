@@ -74,6 +74,7 @@ class Preset:
         vae_spatial: pixel size / latent size.
         height, width, fps: default video geometry.
         memory: default memory configuration.
+        text_max_length: padded text tokens (Wan2.1 and its umT5 pad to 512).
     """
 
     name: str
@@ -86,6 +87,7 @@ class Preset:
     width: int = 640
     fps: int = 16
     memory: MemoryConfig = field(default_factory=MemoryConfig)
+    text_max_length: int = 128
 
     @property
     def chunk_frames(self) -> int:
@@ -184,6 +186,7 @@ PRESETS: dict[str, Preset] = {
         width=832,
         fps=16,
         memory=MemoryConfig(window_chunks=3, keep_ratio=0.25, top_m=2, max_entries=32),
+        text_max_length=512,
     ),
     "wan2.1-14b": Preset(
         name="wan2.1-14b",
@@ -194,6 +197,7 @@ PRESETS: dict[str, Preset] = {
         width=832,
         fps=16,
         memory=MemoryConfig(window_chunks=3, keep_ratio=0.25, top_m=2, max_entries=32),
+        text_max_length=512,
     ),
 }
 

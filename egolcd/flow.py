@@ -25,6 +25,7 @@ run under the caller's grad mode: wrap inference in ``torch.inference_mode()``.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import logging
 from collections.abc import Callable
@@ -337,6 +338,93 @@ def sample_heun(
     return x
 
 
+# --------------------------------------------------------------------------- distilled few-step models
+
+
+def distilled_sigmas(
+    denoising_step_list: list[int] | list[float] | tuple[float, ...],
+    shift: float = 5.0,
+    warp: bool = True,
+) -> Tensor:
+    """The schedule of a distilled few-step model (CausVid, Self-Forcing, LongLive) for
+    :func:`sample_distilled`: their ``denoising_step_list`` (timesteps in 0..1000, descending) as
+    noise levels, with a final 0 appended.
+
+    Args:
+        denoising_step_list: e.g. ``[1000, 750, 500, 250]`` (Self-Forcing, LongLive) or
+            ``[1000, 757, 522]`` (CausVid).
+        shift: their ``timestep_shift``; only used with ``warp``.
+        warp: their ``warp_denoising_step``: a step ``s`` is the training scheduler's level at index
+            ``1000 - s``, i.e. ``shift_sigmas(s / 1000, shift)``. Without it the level is ``s / 1000``
+            (their re-noising then snaps to the nearest of the scheduler's 1000 levels; we do not).
+
+    Returns:
+        (len(list) + 1,) float32, strictly descending, ending at 0. ``distilled_sigmas([1000, 750, 500,
+        250], 5.0)`` equals ``get_sigmas(4, 5.0)``.
+    """
+    steps = torch.as_tensor([float(s) for s in denoising_step_list], dtype=torch.float64)
+    if steps.ndim != 1 or steps.numel() < 1:
+        raise ValueError("denoising_step_list must be a non-empty list of timesteps")
+    if bool((steps <= 0).any()) or bool((steps > NUM_TRAIN_TIMESTEPS).any()):
+        raise ValueError(f"denoising steps must be in (0, {NUM_TRAIN_TIMESTEPS}], got {steps.tolist()}")
+    t = steps / NUM_TRAIN_TIMESTEPS
+    sigmas = shift_sigmas(t, shift) if warp else t
+    sigmas = torch.cat([sigmas, sigmas.new_zeros(1)]).to(torch.float32)
+    return _check_sigmas(sigmas)
+
+
+def _generator_from_sample(x: Tensor) -> torch.Generator:
+    """A CPU generator seeded from (a prefix of) the sample's values: the same start, the same noise."""
+    head = x.detach().flatten()[:4096].to(device="cpu", dtype=torch.float32).contiguous()
+    digest = hashlib.sha256(head.numpy().tobytes()).digest()
+    return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest[:7], "little"))
+
+
+def sample_distilled(
+    denoiser: Denoiser,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    callback: Callback | None = None,
+    disable_progress: bool = True,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """The few-step sampler of distilled models (CausVid, Self-Forcing, LongLive): at each level
+    ``s_i`` predict the clean sample ``x0 = x - s_i * v(x, s_i)``, then re-noise it to the next level
+    with *fresh* noise, ``x = (1 - s_{i+1}) * x0 + s_{i+1} * eps_i``; a last step to 0 returns ``x0``.
+
+    Args:
+        denoiser: ``(x, t) -> v`` (the model's flow prediction, as for the other samplers).
+        x: start sample at ``sigmas[0]`` (pure noise when it is 1).
+        sigmas: (num_steps + 1,) strictly descending levels, e.g. :func:`distilled_sigmas` of the
+            model's ``denoising_step_list``, or ``get_sigmas(steps, shift)`` (for Self-Forcing's and
+            LongLive's ``[1000, 750, 500, 250]`` with shift 5 the two are equal).
+        callback: ``callback(i, x_i, x0_i)`` after each model evaluation.
+        disable_progress: hide the tqdm bar.
+        generator: draws the fresh noise (CPU generators draw on the host, then copy). ``None``: a CPU
+            generator seeded from the values of ``x``, so the same start gives the same output (runs
+            seeded per chunk stay reproducible and resumable); that costs one small device-to-host copy
+            per call.
+
+    Returns:
+        the sample at ``sigmas[-1]``, like ``x``.
+    """
+    sigmas = _check_sigmas(sigmas)
+    if generator is None:
+        generator = _generator_from_sample(x)
+    for i in trange(len(sigmas) - 1, disable=disable_progress, desc="distilled"):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        x0 = predict_x0(x, denoiser(x, _t_batch(s, x)), s)
+        if callback is not None:
+            callback(i, x, x0)
+        if float(s_next) == 0.0:
+            x = x0
+        else:
+            eps = torch.randn(x.shape, generator=generator, device=generator.device, dtype=torch.float32)
+            x = (1 - s_next).to(x.dtype) * x0 + s_next.to(x.dtype) * eps.to(device=x.device, dtype=x.dtype)
+    return x
+
+
 # --------------------------------------------------------------------------- diffusers schedulers
 
 _SCHEDULERS: dict[str, type[SchedulerMixin]] = {
@@ -509,6 +597,7 @@ SAMPLERS: dict[str, Sampler] = {
     "heun": sample_heun,
     "unipc": sample_unipc,
     "flow_euler": sample_flow_euler_diffusers,
+    "distilled": sample_distilled,
 }
 
 
@@ -528,6 +617,7 @@ __all__ = [
     "Sampler",
     "add_noise",
     "cfg_denoiser",
+    "distilled_sigmas",
     "expand_chunk_timesteps",
     "flow_matching_loss",
     "get_sampler",
@@ -535,6 +625,7 @@ __all__ = [
     "load_scheduler",
     "make_scheduler",
     "predict_x0",
+    "sample_distilled",
     "sample_euler",
     "sample_flow_euler_diffusers",
     "sample_heun",

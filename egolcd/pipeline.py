@@ -70,6 +70,7 @@ class GenerationConfig:
         base = dict(
             preset=preset.name, text_encoder=preset.text_encoder, fps=preset.fps,
             height=preset.height, width=preset.width, memory=preset.memory,
+            text_max_length=preset.text_max_length,
         )
         return cls(**{**base, **overrides})
 
