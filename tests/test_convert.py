@@ -487,3 +487,51 @@ def test_wan_presets_pad_text_to_512():
         assert GenerationConfig.from_preset(PRESETS[name]).text_max_length == 512
     for name in ("tiny", "demo"):
         assert GenerationConfig.from_preset(PRESETS[name]).text_max_length == 128
+
+
+def _original_shapes(dim: int, ffn: int, layers: int, text_dim: int = 4096, freq_dim: int = 256) -> dict[str, tuple]:
+    """Parameter shapes of the original Wan2.1 T2V release (names as in wan/modules/model.py)."""
+    shapes: dict[str, tuple] = {
+        "patch_embedding.weight": (dim, 16, 1, 2, 2), "patch_embedding.bias": (dim,),
+        "text_embedding.0.weight": (dim, text_dim), "text_embedding.0.bias": (dim,),
+        "text_embedding.2.weight": (dim, dim), "text_embedding.2.bias": (dim,),
+        "time_embedding.0.weight": (dim, freq_dim), "time_embedding.0.bias": (dim,),
+        "time_embedding.2.weight": (dim, dim), "time_embedding.2.bias": (dim,),
+        "time_projection.1.weight": (6 * dim, dim), "time_projection.1.bias": (6 * dim,),
+        "head.head.weight": (64, dim), "head.head.bias": (64,), "head.modulation": (1, 2, dim),
+    }
+    for i in range(layers):
+        for attn in ("self_attn", "cross_attn"):
+            for proj in "qkvo":
+                shapes[f"blocks.{i}.{attn}.{proj}.weight"] = (dim, dim)
+                shapes[f"blocks.{i}.{attn}.{proj}.bias"] = (dim,)
+            shapes[f"blocks.{i}.{attn}.norm_q.weight"] = (dim,)
+            shapes[f"blocks.{i}.{attn}.norm_k.weight"] = (dim,)
+        shapes.update({
+            f"blocks.{i}.norm3.weight": (dim,), f"blocks.{i}.norm3.bias": (dim,),
+            f"blocks.{i}.ffn.0.weight": (ffn, dim), f"blocks.{i}.ffn.0.bias": (ffn,),
+            f"blocks.{i}.ffn.2.weight": (dim, ffn), f"blocks.{i}.ffn.2.bias": (dim,),
+            f"blocks.{i}.modulation": (1, 6, dim),
+        })
+    return shapes
+
+
+@pytest.mark.parametrize("preset,dim,ffn,layers,params", [
+    ("wan2.1-1.3b", 1536, 8960, 30, 1_418_996_800),
+    ("wan2.1-14b", 5120, 13824, 40, None),
+])
+def test_real_sizes_map_onto_the_presets(preset, dim, ffn, layers, params):
+    """At the released sizes (meta tensors, no memory): every original key maps, the derived config is the
+    preset's (12 / 40 heads of 128), and the key set and shapes equal the model's."""
+    from egolcd.config import PRESETS
+    from egolcd.convert import check_against_model, convert_state_dict, derive_config
+
+    shapes = _original_shapes(dim, ffn, layers)
+    state = convert_state_dict({f"model.{k}": torch.empty(s, device="meta") for k, s in shapes.items()})
+    config = derive_config(state)
+    check_against_model(state, config)
+    expected = {**PRESETS[preset].transformer, "pos_embed_seq_len": None}
+    assert {k: (tuple(v) if isinstance(v, list) else v) for k, v in config.items()} == expected
+    if params is not None:
+        assert sum(v.numel() for v in state.values()) == params
+    assert len(state) == len(shapes)
