@@ -489,8 +489,14 @@ def save_sharded(state: Mapping[str, Tensor], directory: Path, max_shard_bytes: 
 
     shards: list[dict[str, Tensor]] = [{}]
     size = 0
+    storages: set[int] = set()
     for key in sorted(state):
         t = state[key].contiguous()
+        storage = t.untyped_storage()
+        # safetensors refuses tensors that share memory (flat training buffers, tied views): copy those
+        if storage.data_ptr() in storages or storage.nbytes() != t.numel() * t.element_size():
+            t = t.clone()
+        storages.add(t.untyped_storage().data_ptr())
         nbytes = t.numel() * t.element_size()
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append({})
@@ -574,8 +580,12 @@ def convert_checkpoint(
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
 
     dst.mkdir(parents=True, exist_ok=True)
-    for old in [*dst.glob("diffusion_pytorch_model*.safetensors"), dst / WEIGHTS_INDEX_NAME]:
+    for old in [*dst.glob("diffusion_pytorch_model*.safetensors"), dst / WEIGHTS_INDEX_NAME, dst / DISTILLATION_NAME]:
         old.unlink(missing_ok=True)
+    if (dst / LORA_DIR).is_dir():  # a stale adapter from an earlier conversion would load with the new weights
+        import shutil
+
+        shutil.rmtree(dst / LORA_DIR)
     with torch.device("meta"):
         EgoLCDTransformer3DModel(**config).save_config(str(dst))
     save_sharded(state, dst, max_shard_bytes)

@@ -429,6 +429,26 @@ def test_existing_output_needs_overwrite(tmp_path):
     convert_checkpoint(tmp_path / "wan.safetensors", tmp_path / "out", num_heads=HEADS, overwrite=True)
 
 
+def test_overwrite_drops_a_stale_adapter_and_shared_storage_is_saved(tmp_path):
+    base = original_wan_state(seed=40)
+    torch.save({"generator": {f"model.{k}": v for k, v in base.items()}}, tmp_path / "b.pt")
+    torch.save({"generator_lora": original_lora_state(base, 2)}, tmp_path / "lora.pt")
+    convert_checkpoint(tmp_path / "b.pt", tmp_path / "out", lora=tmp_path / "lora.pt", num_heads=HEADS)
+    assert (tmp_path / "out" / "lora").is_dir()
+    convert_checkpoint(tmp_path / "b.pt", tmp_path / "out", num_heads=HEADS, overwrite=True)
+    assert not (tmp_path / "out" / "lora").exists()
+    # tensors sharing one storage (tied, or views of a flat training buffer) are written apart
+    from safetensors.torch import load_file
+
+    from egolcd.convert import save_sharded
+
+    flat = torch.randn(10)
+    (tmp_path / "tied").mkdir()
+    save_sharded({"a": flat, "b": flat, "c": flat[2:6]}, tmp_path / "tied")
+    back = load_file(str(tmp_path / "tied" / "diffusion_pytorch_model.safetensors"))
+    assert torch.equal(back["a"], flat) and torch.equal(back["b"], flat) and torch.equal(back["c"], flat[2:6])
+
+
 def test_load_original_auto_detection(tmp_path):
     sd = original_wan_state()
     torch.save(sd, tmp_path / "plain.pt")
