@@ -305,7 +305,7 @@ def test_heun_skips_model_at_zero() -> None:
 
 def test_get_sampler_and_bad_sigmas() -> None:
     assert get_sampler("euler") is sample_euler
-    assert set(SAMPLERS) == {"euler", "heun", "unipc", "flow_euler"}
+    assert set(SAMPLERS) == {"euler", "heun", "unipc", "flow_euler", "distilled"}
     with pytest.raises(ValueError, match="unknown sampler 'dpm'.*euler"):
         get_sampler("dpm")
     with pytest.raises(ValueError, match="descending"):
