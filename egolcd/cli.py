@@ -49,15 +49,49 @@ def _default_model_dir() -> Path:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from .limits import count_frames
     from .narrative import compile_narrative, format_schedule, load_narrative
 
     preset = PRESETS[args.preset]
     narrative = load_narrative(args.narrative)
+    fps = narrative.fps or preset.fps
+    count_frames([s.seconds for s in narrative.segments], fps)
+    _check_size(narrative.width or preset.width, narrative.height or preset.height,
+                preset.vae_spatial * int(preset.transformer.get("patch_size", (1, 2, 2))[1]))
     compiled = compile_narrative(
         narrative, fps=narrative.fps or preset.fps, chunk_frames=preset.chunk_frames, vae_temporal=preset.vae_temporal
     )
     sys.stdout.write(format_schedule(compiled) + "\n")
     return 0
+
+
+def _check_size(width: int, height: int, factor: int) -> None:
+    """The size check ``generate`` makes (``EgoLCDPipeline.video_size``), for ``validate`` without weights."""
+    if height % factor or width % factor:
+        raise ValueError(
+            f"impossible size {width}x{height}: width and height must be multiples of {factor} "
+            "(VAE factor x patch size of the preset)"
+        )
+
+
+def _precheck_model(model_dir: Path, narrative) -> None:
+    """Check the narrative against the model's preset (frame limit, size) from its config alone, so these
+    fail before the weights load; a missing or broken folder is left to ``from_pretrained``'s message."""
+    import json
+
+    from .limits import count_frames
+
+    try:
+        config = json.loads((model_dir / "egolcd_config.json").read_text())
+        preset = PRESETS[config["preset"]]
+        fps = int(narrative.fps or config.get("fps") or preset.fps)
+        width = int(narrative.width or config.get("width") or preset.width)
+        height = int(narrative.height or config.get("height") or preset.height)
+        factor = preset.vae_spatial * int(preset.transformer.get("patch_size", (1, 2, 2))[1])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError):
+        return
+    count_frames([s.seconds for s in narrative.segments], fps)
+    _check_size(width, height, factor)
 
 
 def _check_output(path: Path) -> None:
@@ -71,11 +105,21 @@ def _check_output(path: Path) -> None:
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
+    from .limits import check_device, check_distinct_paths, check_generation_options, check_state_path
     from .narrative import load_narrative
     from .pipeline import EgoLCDPipeline
 
+    # every check before any weights load or any file is touched
     output = Path(args.output)
     _check_output(output)
+    check_generation_options(args.steps, args.guidance, args.seed, args.save_state_every)
+    check_distinct_paths(args.narrative, output, args.save_state, args.resume)
+    if args.save_state is not None:
+        check_state_path(args.save_state)
+    if args.resume is not None and not Path(args.resume).is_file():
+        raise FileNotFoundError(f"--resume: memory state not found: {args.resume}")
+    if args.device is not None:
+        check_device(args.device)
     narrative = load_narrative(args.narrative)  # fail on a bad narrative before loading any weights
     model_dir = Path(args.model) if args.model else _default_model_dir()
     if args.model is None and not (model_dir / "egolcd_config.json").is_file():
@@ -83,6 +127,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             f"the embedded demo model is missing from {model_dir} (an incomplete install?); "
             "pass --model DIR (e.g. one made by `egolcd create-model DIR --preset tiny`)"
         )
+    _precheck_model(model_dir, narrative)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype_name = args.dtype if args.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
     pipe = EgoLCDPipeline.from_pretrained(model_dir, device=device, dtype=getattr(torch, dtype_name))

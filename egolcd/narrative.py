@@ -36,11 +36,15 @@ import json
 import logging
 import math
 import os
+import re
+import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from . import limits
 
 logger = logging.getLogger(__name__)
 
@@ -174,8 +178,18 @@ def load_narrative(path: str | os.PathLike[str]) -> Narrative:
         raise NarrativeError(f"narrative file not found: {p}")
     if p.is_dir():
         raise NarrativeError(f"narrative path is a directory, not a file: {p}")
+    if not p.is_file():  # a FIFO, a device: reading could block forever or never end
+        raise NarrativeError(f"narrative path is not a regular file: {p}")
+    max_bytes = limits.limit("narrative_bytes")
     try:
-        text = p.read_text(encoding="utf-8-sig")
+        size = p.stat().st_size
+        if size > max_bytes:
+            raise NarrativeError(f"{p}: " + limits.over("narrative_bytes", "the file size", f"{size:,} bytes"))
+        with p.open("rb") as f:
+            raw = f.read(max_bytes + 1)
+        if len(raw) > max_bytes:  # it grew while we looked
+            raise NarrativeError(f"{p}: " + limits.beyond("narrative_bytes", "the file is larger than"))
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise NarrativeError(
             f"cannot read narrative file {p}: not UTF-8 text ({e.reason} at byte {e.start})"
@@ -216,12 +230,50 @@ def parse_narrative(text: str, fmt: str, source: str = "<string>") -> Narrative:
     return narrative
 
 
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """Safe YAML loader that rejects duplicate keys (a silent last-one-wins hides typos)."""
+    """Safe, bounded YAML loader.
+
+    It rejects duplicate keys (a silent last-one-wins hides typos) and keys that are not scalars (a list
+    as a key), accepts merge keys (``<<: *base``), and bounds the document while it is composed: nesting
+    depth (``EGOLCD_MAX_NARRATIVE_DEPTH``) and the number of nodes once aliases are expanded
+    (``EGOLCD_MAX_NARRATIVE_NODES``), so neither a deep document nor an alias bomb costs more than the
+    limit before its error.
+    """
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self._depth = 0
+        self._max_depth = limits.limit("narrative_depth")
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        self._depth += 1
+        try:
+            if self._depth > self._max_depth:
+                raise yaml.composer.ComposerError(
+                    None, None, limits.beyond("narrative_depth", "the document is nested deeper than"),
+                    self.peek_event().start_mark,
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def compose_document(self) -> Any:
+        node = super().compose_document()
+        _check_expanded_size(node, limits.limit("narrative_nodes"))
+        return node
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
         for key_node, _ in node.value:
+            if key_node.tag == _MERGE_TAG:
+                continue
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"a key must be a plain value, not a {key_node.id}", key_node.start_mark
+                )
             key = self.construct_object(key_node, deep=deep)
             if isinstance(key, str) and key in seen:
                 raise yaml.constructor.ConstructorError(
@@ -231,9 +283,41 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def _check_expanded_size(root: Any, max_nodes: int) -> None:
+    """Count the nodes of a composed YAML document as if every alias were copied out (memoised per node, so
+    a 10-level alias bomb is counted in microseconds), and refuse more than ``max_nodes``."""
+    if root is None:
+        return
+    sizes: dict[int, int] = {}
+    stack: list[tuple[Any, bool]] = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        if id(node) in sizes:
+            continue
+        children: list[Any] = []
+        if isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        if done:
+            total = 1 + sum(sizes[id(c)] for c in children)
+            if total > max_nodes:
+                raise yaml.composer.ComposerError(
+                    None, None,
+                    limits.beyond("narrative_nodes", "the document, its aliases expanded, has more nodes than"),
+                    node.start_mark,
+                )
+            sizes[id(node)] = total
+        else:
+            stack.append((node, True))
+            stack.extend((c, False) for c in children if id(c) not in sizes)
+
+
 def _load_yaml(text: str, source: str) -> Any:
     try:
         return yaml.load(text, Loader=_UniqueKeyLoader)  # safe: a SafeLoader subclass
+    except RecursionError:  # pragma: no cover - the depth limit comes first
+        raise NarrativeError(f"malformed YAML in {source}: nested too deeply") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark is not None else ""
@@ -250,18 +334,45 @@ def _load_json(text: str, source: str) -> Any:
             out[k] = v
         return out
 
+    depth = _json_depth(text)
+    if depth > limits.limit("narrative_depth"):
+        raise NarrativeError(
+            f"malformed JSON in {source}: " + limits.beyond("narrative_depth", "the document is nested deeper than")
+        )
     try:
         return json.loads(text, object_pairs_hook=pairs)
     except json.JSONDecodeError as e:
         raise NarrativeError(f"malformed JSON in {source}: line {e.lineno}: {e.msg}") from None
+    except RecursionError:  # pragma: no cover - the depth check comes first
+        raise NarrativeError(f"malformed JSON in {source}: nested too deeply") from None
+    except ValueError as e:  # e.g. an integer of more than 4300 digits
+        raise NarrativeError(f"malformed JSON in {source}: {e}") from None
+
+
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+
+
+def _json_depth(text: str) -> int:
+    """The deepest ``[``/``{`` nesting of JSON text (strings skipped), without parsing it."""
+    depth = deepest = 0
+    for ch in re.sub(_JSON_STRING, "", text):
+        if ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
 
 
 def _parse_text(text: str) -> Narrative:
     segments: list[Segment] = []
+    max_segments = limits.limit("segments")
     for lineno, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
+        if len(segments) >= max_segments:
+            raise NarrativeError(f"line {lineno}: " + limits.beyond("segments", "the narrative has more segments than"))
         seconds, action = DEFAULT_SECONDS, line
         if "|" in line:
             left, action = (part.strip() for part in line.split("|", 1))
@@ -274,20 +385,33 @@ def _parse_text(text: str) -> Narrative:
                 ) from None
             if not math.isfinite(seconds) or seconds <= 0:
                 raise NarrativeError(f"line {lineno}: seconds must be > 0, got {left}")
+            if seconds > limits.limit("seconds"):
+                raise NarrativeError(f"line {lineno}: " + limits.over("seconds", "seconds", left))
             if not action:
                 raise NarrativeError(f"line {lineno}: missing action after '|'")
         segments.append(Segment(id=f"s{len(segments) + 1}", seconds=seconds, action=_clean(action)))
     if not segments:
         raise NarrativeError("no segments: the text has no non-comment lines")
+    _check_total_seconds(segments)
     return Narrative(segments=segments)
+
+
+def _check_total_seconds(segments: list[Segment]) -> None:
+    total = sum(s.seconds for s in segments)  # each is at most the limit: no overflow
+    if total > limits.limit("seconds"):
+        raise NarrativeError(limits.over("seconds", "the narrative's length in seconds", f"{total:.6g}"))
 
 
 def _clean(value: str) -> str:
     return " ".join(value.split())
 
 
+_REPR = reprlib.Repr()
+_REPR.maxstring, _REPR.maxother, _REPR.maxlevel = 40, 40, 2
+
+
 def _describe(value: Any) -> str:
-    text = repr(value)
+    text = _REPR.repr(value)  # bounded: an aliased structure may stand for billions of nodes
     return f"{type(value).__name__} {text if len(text) <= 40 else text[:37] + '...'}"
 
 
@@ -311,6 +435,14 @@ def _string(value: Any, name: str, where: str) -> str:
 def _positive_int(value: Any, name: str, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise NarrativeError(f"{where}: {name} must be a positive integer, got {_describe(value)}")
+    return value
+
+
+def _bounded_int(value: Any, name: str, where: str, limit_name: str) -> int:
+    value = _positive_int(value, name, where)
+    if value > limits.limit(limit_name):
+        shown = str(value) if value < 10**12 else f"{str(value)[:6]}... ({len(str(value))} digits)"
+        raise NarrativeError(f"{where}: " + limits.over(limit_name, name, shown))
     return value
 
 
@@ -351,9 +483,10 @@ def _from_mapping(data: Any) -> Narrative:
         kw["actor"] = _string(data["actor"], "actor", top)
     for name in ("fps", "width", "height"):
         if data.get(name) is not None:
-            kw[name] = _positive_int(data[name], name, top)
+            kw[name] = _bounded_int(data[name], name, top, "fps" if name == "fps" else "side")
     if data.get("size") is not None:
         width, height = _size(data["size"])
+        _bounded_int(width, "size width", top, "side"), _bounded_int(height, "size height", top, "side")
         if kw.get("width", width) != width or kw.get("height", height) != height:
             raise NarrativeError(f"top level: size {width}x{height} contradicts width/height")
         kw["width"], kw["height"] = width, height
@@ -364,7 +497,11 @@ def _from_mapping(data: Any) -> Narrative:
         raise NarrativeError(f"top level: segments must be a list, got {_describe(raw)}")
     if not raw:
         raise NarrativeError("no segments: 'segments' is an empty list")
-    return Narrative(segments=[_segment(item, i) for i, item in enumerate(raw, 1)], **kw)
+    if len(raw) > limits.limit("segments"):
+        raise NarrativeError(limits.over("segments", "the number of segments", f"{len(raw):,}"))
+    segments = [_segment(item, i) for i, item in enumerate(raw, 1)]
+    _check_total_seconds(segments)
+    return Narrative(segments=segments, **kw)
 
 
 def _segment(item: Any, index: int) -> Segment:
@@ -378,6 +515,10 @@ def _segment(item: Any, index: int) -> Segment:
     seconds = item.get("seconds", DEFAULT_SECONDS)
     if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
         raise NarrativeError(f"{where}: seconds must be a number, got {_describe(seconds)}")
+    if isinstance(seconds, int) and seconds > limits.limit("seconds"):  # float() of a 400-digit int overflows
+        raise NarrativeError(f"{where}: " + limits.over("seconds", "seconds", f"{str(seconds)[:6]}... ({len(str(seconds))} digits)" if seconds > 10**12 else seconds))
+    if math.isfinite(seconds) and seconds > limits.limit("seconds"):
+        raise NarrativeError(f"{where}: " + limits.over("seconds", "seconds", f"{seconds:g}"))
     action = _string(item["action"], "action", where) if item.get("action") is not None else ""
     prompt = _string(item["prompt"], "prompt", where) if item.get("prompt") is not None else None
     revisit = _ident(item["revisit"], "revisit", where) if item.get("revisit") is not None else None

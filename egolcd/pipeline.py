@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -26,6 +27,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .config import MemoryConfig, Preset, get_preset
 from .flow import cfg_denoiser, get_sampler, get_sigmas, make_scheduler, to_model_timestep
+from .limits import check_generation_options, check_state_path, count_frames
 from .memory import ChunkContext, ContextArena, MemoryPolicy, MemoryState
 from .narrative import CompiledNarrative, Narrative, compile_narrative, load_narrative
 from .text import TextEncoder, load_text_encoder
@@ -76,11 +78,32 @@ class GenerationConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GenerationConfig:
+        if not isinstance(data, dict):
+            raise ValueError(f"{CONFIG_NAME} must hold a JSON object, got {type(data).__name__}")
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown keys in {CONFIG_NAME}: {', '.join(unknown)}")
         data = dict(data)
+        for name, value in data.items():  # each value has its default's type ("steps": "four" fails here)
+            default = cls.__dataclass_fields__[name].default
+            if name == "memory":
+                if not isinstance(value, dict):
+                    raise ValueError(f"{CONFIG_NAME}: memory must be an object, got {type(value).__name__}")
+                continue
+            if name == "text_encoder_path":
+                ok = value is None or isinstance(value, str)
+            elif isinstance(default, bool) or isinstance(default, str):
+                ok = isinstance(value, type(default))
+            elif isinstance(default, int):
+                ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
+            elif isinstance(default, float):
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            else:
+                ok = True
+            if not ok:
+                want = "a positive integer" if isinstance(default, int) else type(default).__name__
+                raise ValueError(f"{CONFIG_NAME}: {name} must be {want}, got {value!r}")
         data["memory"] = MemoryConfig(**data.get("memory", {}))
         return cls(**data)
 
@@ -110,6 +133,25 @@ class GenerationResult:
 def narrative_fingerprint(compiled: CompiledNarrative) -> str:
     text = json.dumps([compiled.prompts, compiled.segment_frames, compiled.fps], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def model_fingerprint(*modules: torch.nn.Module, samples: int = 4096) -> str:
+    """A short hash of the weights (names, shapes and up to ``samples`` evenly spaced values of every
+    parameter and buffer, rounded to bf16 so float32 and bf16 copies of one model agree): a state saved
+    with one model refuses to resume with another of the same preset. Cost: a few ms, any model size."""
+    digest = hashlib.sha256()
+    for module in modules:
+        tensors = dict(module.named_parameters())
+        tensors.update(dict(module.named_buffers()))
+        for name in sorted(tensors):
+            t = tensors[name].detach()
+            digest.update(f"{name}:{tuple(t.shape)};".encode())
+            flat = t.reshape(-1)
+            if flat.numel() > samples:
+                flat = flat[torch.linspace(0, flat.numel() - 1, samples, device=flat.device).long()]
+            values = flat.float().to(torch.bfloat16).float().cpu() if flat.is_floating_point() else flat.cpu()
+            digest.update(values.numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def chunk_denoiser(
@@ -316,6 +358,7 @@ class EgoLCDPipeline:
         if not isinstance(narrative, Narrative):
             narrative = load_narrative(narrative)
         fps = narrative.fps or self.config.fps
+        count_frames([s.seconds for s in narrative.segments], fps)  # before any per-frame work
         compiled = compile_narrative(
             narrative, fps=fps, chunk_frames=self.chunk_frames, vae_temporal=self.vae.temporal_factor
         )
@@ -363,9 +406,12 @@ class EgoLCDPipeline:
             callback: called after each chunk with its report and decoded frames ``(1, 3, n, H, W)``.
         """
         cfg = self.config
+        check_generation_options(steps, guidance, seed, save_state_every)
+        if save_state is not None:
+            check_state_path(save_state)
         narrative, compiled = self.compile(narrative)
         height, width = self.video_size(narrative)
-        steps = steps or cfg.steps
+        steps = cfg.steps if steps is None else steps
         guidance = cfg.guidance if guidance is None else guidance
         sampler_name = sampler or cfg.sampler
         sample = get_sampler(sampler_name)
@@ -380,6 +426,7 @@ class EgoLCDPipeline:
         run_info = {
             "narrative": narrative_fingerprint(compiled), "seed": seed, "steps": steps, "guidance": guidance,
             "sampler": sampler_name, "size": [height, width],
+            "model": model_fingerprint(self.transformer, getattr(self.vae, "model", self.vae)),
         }
 
         # 1. Prompts: encoded once per unique prompt (token states + pooled memory keys)
@@ -396,12 +443,17 @@ class EgoLCDPipeline:
         latents_so_far: list[Tensor] = []
         if resume is not None:
             state, extra, extra_tensors = policy.load_state(resume, device=device)
+            if "model" not in extra:  # a state written before the fingerprint existed
+                logger.warning("%s does not record its model: cannot check that it is this one", resume)
+                extra = {**extra, "model": run_info["model"]}
             mismatched = {key: (extra.get(key), value) for key, value in run_info.items() if extra.get(key) != value}
             if mismatched:
                 key, (was, now) = next(iter(mismatched.items()))
+                if key == "model":
+                    raise ValueError(f"cannot resume from {resume}: it was made with other model weights")
                 raise ValueError(f"cannot resume from {resume}: it was made with {key}={was!r}, this run has {now!r}")
-            if state.chunk:
-                latents_so_far = [extra_tensors["latents"].to(device)]
+            if state.chunk:  # chunk by chunk, as first generated: the decoder sees the same calls
+                latents_so_far = list(extra_tensors["latents"].to(device).split(k, dim=2))
         n_chunks = compiled.num_chunks if max_chunks is None else min(max_chunks, compiled.num_chunks)
         total_frames = compiled.num_frames
         if max_chunks is not None:
@@ -453,11 +505,17 @@ class EgoLCDPipeline:
                     bar.update(1)
                     bar.set_postfix(segment=compiled.segment_ids[seg], ctx=ctx.tokens_per_layer)
                     if save_state is not None and (c + 1) % save_state_every == 0:
-                        self._save_state(policy, state, save_state, run_info, latents_so_far)
+                        try:
+                            self._save_state(policy, state, save_state, run_info, latents_so_far)
+                        except OSError as exc:  # a full disk: keep generating, the video is the work
+                            logger.warning("%s; generation goes on", exc)
             except KeyboardInterrupt:
                 if save_state is not None:
-                    self._save_state(policy, state, save_state, run_info, latents_so_far)
-                    logger.warning("interrupted: state saved to %s (resume with --resume)", save_state)
+                    try:
+                        self._save_state(policy, state, save_state, run_info, latents_so_far)
+                        logger.warning("interrupted: state saved to %s (resume with --resume)", save_state)
+                    except OSError as exc:
+                        logger.warning("interrupted: %s", exc)
                 raise
             finally:
                 bar.close()
@@ -467,5 +525,16 @@ class EgoLCDPipeline:
 
     @staticmethod
     def _save_state(policy, state, path, run_info, latents) -> None:
+        """Write the state atomically; a failure (full disk, folder gone) is one ``OSError`` line naming
+        the file, the previous state file is kept and no temporary file is left."""
         tensors = {"latents": torch.cat(latents, dim=2)} if latents else {}
-        policy.save_state(state, path, extra=run_info, extra_tensors=tensors)
+        try:
+            policy.save_state(state, path, extra=run_info, extra_tensors=tensors)
+        except Exception as exc:
+            tmp = Path(path).with_name(Path(path).name + ".tmp")
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+            detail = getattr(exc, "strerror", None) or " ".join(str(exc).split()) or type(exc).__name__
+            raise OSError(f"cannot save the memory state to {path}: {detail}") from None

@@ -760,6 +760,36 @@ def latest_checkpoint(output_dir: str | os.PathLike[str]) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
+def _read_json(path: Path) -> Any:
+    """A JSON file of a checkpoint; a damaged one is one ``ValueError`` line naming the file."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is damaged (not valid JSON: {exc})") from None
+
+
+def checkpoint_problem(ckpt: Path) -> str | None:
+    """``None`` when every file of a checkpoint reads (JSON parses, each safetensors header covers its
+    file), else what is wrong, naming the file: a truncated ``optimizer.safetensors`` is found here."""
+    try:
+        state = _read_json(ckpt / "trainer_state.json")
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+            return f"{ckpt / 'trainer_state.json'} is not an egolcd training checkpoint state"
+        _read_json(ckpt / "scheduler.json")
+    except (OSError, ValueError) as exc:
+        return " ".join(str(exc).split())
+    for name in ("trainable.safetensors", "optimizer.safetensors", "config.yaml"):
+        if not (ckpt / name).is_file():
+            return f"{ckpt / name} is missing"
+    for path in sorted(ckpt.rglob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                f.metadata()
+        except Exception as exc:  # SafetensorError: truncated, or not safetensors at all
+            return f"{path} is damaged ({' '.join(str(exc).split())})"
+    return None
+
+
 def _save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> None:
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
 
@@ -911,7 +941,7 @@ class Trainer:
                 shutil.rmtree(stale, ignore_errors=True)
         acc.wait_for_everyone()
         if self.resume_from is not None:
-            saved = json.loads((self.resume_from / "trainer_state.json").read_text())
+            saved = _read_json(self.resume_from / "trainer_state.json")
             self._check_compatible(self.resume_from)
         self.init_dir = self._init_dir()
 
@@ -976,13 +1006,22 @@ class Trainer:
                 )
             return None
         if str(resume) == "latest":
-            found = latest_checkpoint(self.out)
-            if found is None:
+            ckpts = list_checkpoints(self.out)
+            if not ckpts:
                 logger.warning("no checkpoint in %s: starting from scratch", self.out)
-            return found
+                return None
+            for ckpt in reversed(ckpts):  # the newest readable one (a full disk may have cut the latest)
+                problem = checkpoint_problem(ckpt)
+                if problem is None:
+                    return ckpt
+                logger.warning("skipping %s: %s", ckpt.name, problem)
+            raise ValueError(f"no readable checkpoint in {self.out} (the newest: {checkpoint_problem(ckpts[-1])})")
         path = Path(resume)
         if not (path / "trainer_state.json").is_file():
             raise FileNotFoundError(f"not a training checkpoint: {path} (no trainer_state.json)")
+        problem = checkpoint_problem(path)
+        if problem is not None:
+            raise ValueError(f"cannot resume from {path}: {problem}")
         return path.resolve()
 
     def _check_compatible(self, ckpt: Path) -> None:
@@ -1072,19 +1111,22 @@ class Trainer:
             optim_state_dict=state,
             options=StateDictOptions(full_state_dict=self.fsdp),
         )
-        self.scheduler.load_state_dict(json.loads((ckpt / "scheduler.json").read_text()))
+        self.scheduler.load_state_dict(_read_json(ckpt / "scheduler.json"))
         if self.ema is not None:
             if (ckpt / "ema.safetensors").is_file():
                 self.ema.load_state_dict(load_file(str(ckpt / "ema.safetensors")))
             else:
                 logger.warning("%s has no EMA: starting the EMA from its weights", ckpt.name)
         rng = ckpt / f"rng-{acc.process_index:05d}.safetensors"
-        if saved.get("num_processes") == acc.num_processes and rng.is_file():
-            _restore_rng(rng, self.noise)
-        else:
+        if saved.get("num_processes") != acc.num_processes:
             logger.warning(
-                "process count changed since %s: RNG streams restart (resume is not exact)", ckpt.name
+                "process count changed since %s (%s -> %d): RNG streams restart (resume is not exact)",
+                ckpt.name, saved.get("num_processes"), acc.num_processes,
             )
+        elif not rng.is_file():
+            logger.warning("%s is missing: RNG streams restart (resume is not exact)", rng)
+        else:
+            _restore_rng(rng, self.noise)
         if saved.get("num_processes") == acc.num_processes:
             self.data.load_state(saved["data"])
         else:
@@ -1098,12 +1140,7 @@ class Trainer:
         self.step, self.bad_steps = int(saved["step"]), int(saved["bad_steps"])
         self.last_checkpoint = ckpt
         if acc.is_main_process:  # drop log lines of steps the resumed run will redo
-            log = self.out / "logs" / "metrics.jsonl"
-            if log.is_file():
-                lines = [
-                    ln for ln in log.read_text().splitlines() if ln and json.loads(ln)["step"] <= self.step
-                ]
-                log.write_text("".join(ln + "\n" for ln in lines))
+            _trim_metrics_log(self.out / "logs" / "metrics.jsonl", self.step)
         logger.info("resumed from %s at step %d (epoch %d)", ckpt, self.step, self.data.epoch)
 
     # ------------------------------------------------------------------ one step
@@ -1439,6 +1476,28 @@ class Trainer:
         return TrainResult(
             self.out, self.step, self.history, self.last_checkpoint, self.transformer, interrupted
         )
+
+
+def _trim_metrics_log(log: Path, step: int) -> None:
+    """Keep the lines of steps up to ``step`` (a resumed run redoes the later ones). A line that does not
+    parse (a run stopped by a full disk ends mid-line) is dropped with a warning naming the file and line."""
+    if not log.is_file():
+        return
+    kept: list[str] = []
+    for lineno, line in enumerate(log.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+            line_step = int(entry["step"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            logger.warning("%s line %d is damaged (cut off?): dropped", log, lineno)
+            continue
+        if line_step <= step:
+            kept.append(line)
+    tmp = log.with_name(log.name + ".tmp")
+    tmp.write_text("".join(ln + "\n" for ln in kept))
+    os.replace(tmp, log)
 
 
 def _clean_name(name: str) -> str:

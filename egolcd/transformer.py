@@ -205,6 +205,42 @@ class EgoLCDTransformerBlock(nn.Module):
         return gated(hidden_states, ff_out, c_gate)
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
+
+
+def check_safetensors_folder(folder: Any) -> None:
+    """Refuse, in one line, a weights folder without safetensors (pickle only), with an unreadable
+    safetensors file, or with non-floating-point weights (int32 weights would load as garbage)."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise ValueError(
+                f"{folder} holds only pickle weights ({pickles[0]}): egolcd loads safetensors only "
+                "(a pickle can run code when loaded); re-save the weights as safetensors"
+            )
+        raise FileNotFoundError(f"{folder} has no .safetensors weights")
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():
+                    dtype = f.get_slice(key).get_dtype()
+                    if dtype not in FLOAT_DTYPES:
+                        raise ValueError(
+                            f"{path}: weight {key!r} is {dtype}, not floating point (a corrupt or foreign file?)"
+                        )
+        except ValueError:
+            raise
+        except Exception as exc:  # SafetensorError: truncated or not safetensors at all
+            raise ValueError(f"{path} is not a readable safetensors file ({' '.join(str(exc).split())})") from None
+
+
 class EgoLCDTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
     r"""The Wan2.1 video DiT with block-causal attention and explicit long-context memory.
 
@@ -283,6 +319,27 @@ class EgoLCDTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         self.gradient_checkpointing = False
 
     # ------------------------------------------------------------------ helpers
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, **kwargs: Any) -> EgoLCDTransformer3DModel:
+        """diffusers' ``from_pretrained`` restricted to safetensors (never a pickle ``.bin``: loading one
+        runs code from the file) and to floating-point weights; each refusal is one ``ValueError`` line."""
+        from pathlib import Path
+
+        if kwargs.get("use_safetensors") is False:
+            raise ValueError("egolcd loads weights from safetensors only (use_safetensors=False refused)")
+        kwargs["use_safetensors"] = True
+        folder = Path(str(pretrained_model_name_or_path))
+        if kwargs.get("subfolder"):
+            folder = folder / kwargs["subfolder"]
+        if folder.is_dir():
+            check_safetensors_folder(folder)
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        except (OSError, ValueError):
+            raise
+        except Exception as exc:  # SafetensorError (a truncated or garbage file) and the like
+            raise ValueError(f"cannot load the transformer weights in {folder}: {' '.join(str(exc).split())}") from None
+
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> EgoLCDTransformer3DModel:
         """Random-initialised model of a registered size (``egolcd.config.PRESETS``)."""

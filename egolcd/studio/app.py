@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..config import MEMORY_POLICIES
+from ..limits import check_generation_options
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from matplotlib.figure import Figure
@@ -48,6 +49,21 @@ logger = logging.getLogger(__name__)
 INSTALL_HINT = 'install the studio extra: pip install "egolcd[studio]"'
 EDITOR_FORMATS = ("auto", "yaml", "json", "text")
 NARRATIVE_SUFFIXES = (".yaml", ".yml", ".json", ".txt")
+
+# What a bad narrative or option can raise while a run starts; reported in the tab, which stays usable.
+START_ERRORS = (ValueError, KeyError, OSError, TypeError, OverflowError, RecursionError)
+
+
+def _whole(value: Any, name: str) -> int:
+    """A whole number from a form field (``4``, ``4.0``, ``"4"``); ``inf``, ``nan``, ``4.5``: ``ValueError``."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a whole number, got {value!r}") from None
+    if not number.is_integer():
+        raise ValueError(f"{name} must be a whole number, got {value!r}")
+    return int(number)
+
 
 def import_gradio() -> Any:
     """Gradio, imported lazily with its telemetry off; a one-line error when it is not installed."""
@@ -126,8 +142,11 @@ class Studio:
         max_chunks: Any, stem: str,
     ) -> tuple[list[RunRecord], queue.Queue]:
         narrative, compiled = parse_editor(text, self.pipeline, fmt)
-        steps, seed = max(1, int(steps or self.pipeline.config.steps)), int(seed or 0)
-        limit = int(max_chunks) if max_chunks and int(max_chunks) > 0 else None
+        steps = _whole(steps, "steps") if steps not in (None, "", 0) else self.pipeline.config.steps
+        seed = _whole(seed, "seed") if seed not in (None, "") else 0
+        check_generation_options(steps, None, seed)
+        max_chunks = _whole(max_chunks, "chunk limit") if max_chunks not in (None, "") else 0
+        limit = max_chunks if max_chunks > 0 else None
         total = compiled.num_chunks if limit is None else min(limit, compiled.num_chunks)
         jobs = [JobSpec(narrative, session.next_output(stem, p, seed), p, steps, seed, limit) for p in policies]
         runs = [RunRecord(policy=p, compiled=compiled, total_chunks=total, steps=steps, seed=seed) for p in policies]
@@ -213,17 +232,26 @@ class Studio:
             yield (no_change, progress_html(0, 1, "a generation is already running in this tab"),
                    *([no_change] * 7))
             return
+        owned = True  # this call releases the busy flag until the worker's events take it over
         try:
-            runs, events = self._start(
-                session, text, fmt, [policy], steps, seed, max_chunks, Path(example).stem if example else "narrative"
-            )
-        except (ValueError, KeyError, OSError) as exc:
-            session.busy = False
-            yield (message_html(False, error_line(exc)), progress_html(0, 1, "not started (see the message under the editor)"),
-                   *([no_change] * 7))
-            return
-        run = session.run = runs[0]
-        ok_line = message_html(True, validate_text(text, self.pipeline, fmt)[1])
+            try:
+                ok_line = message_html(True, validate_text(text, self.pipeline, fmt)[1])
+                runs, events = self._start(
+                    session, text, fmt, [policy], steps, seed, max_chunks, Path(example).stem if example else "narrative"
+                )
+            except START_ERRORS as exc:
+                yield (message_html(False, error_line(exc)), progress_html(0, 1, "not started (see the message under the editor)"),
+                       *([no_change] * 7))
+                return
+            run = session.run = runs[0]
+            owned = False
+            yield from self._generate_updates(session, run, runs, events, ok_line, gr)
+        finally:
+            if owned:
+                session.busy = False
+
+    def _generate_updates(self, session: StudioSession, run: RunRecord, runs: list[RunRecord], events: queue.Queue,
+                          ok_line: str, gr: Any) -> Iterator[tuple[Any, ...]]:
         for phase, _ in self._events(session, runs, events):
             done = len(run.reports)
             if phase == "waiting":
@@ -257,18 +285,27 @@ class Studio:
         if not self._claim(session):
             yield no_change, progress_html(0, 1, "a generation is already running in this tab"), *([no_change] * 3)
             return
+        owned = True
         try:
-            runs, events = self._start(
-                session, text, fmt, [policy_a, policy_b], steps, seed, max_chunks,
-                Path(example).stem if example else "narrative",
-            )
-        except (ValueError, KeyError, OSError) as exc:
-            session.busy = False
-            yield (message_html(False, error_line(exc)), progress_html(0, 1, "not started (see the message under the editor)"),
-                   *([no_change] * 3))
-            return
-        session.compare = runs
-        ok_line = message_html(True, validate_text(text, self.pipeline, fmt)[1])
+            try:
+                ok_line = message_html(True, validate_text(text, self.pipeline, fmt)[1])
+                runs, events = self._start(
+                    session, text, fmt, [policy_a, policy_b], steps, seed, max_chunks,
+                    Path(example).stem if example else "narrative",
+                )
+            except START_ERRORS as exc:
+                yield (message_html(False, error_line(exc)), progress_html(0, 1, "not started (see the message under the editor)"),
+                       *([no_change] * 3))
+                return
+            session.compare = runs
+            owned = False
+            yield from self._compare_updates(session, runs, events, ok_line)
+        finally:
+            if owned:
+                session.busy = False
+
+    def _compare_updates(self, session: StudioSession, runs: list[RunRecord], events: queue.Queue,
+                         ok_line: str) -> Iterator[tuple[Any, ...]]:
         total = sum(r.total_chunks for r in runs)
         for phase, current in self._events(session, runs, events):
             done = sum(len(r.reports) for r in runs)

@@ -74,7 +74,10 @@ def parse_editor(
     fmt = detect_format(text) if fmt in (None, "", "auto") else fmt
     narrative = parse_narrative(text, fmt, source=source)
     if pipeline is None:
+        from ..limits import count_frames
+
         preset = PRESETS["demo"]
+        count_frames([seg.seconds for seg in narrative.segments], narrative.fps or preset.fps)
         compiled = compile_narrative(
             narrative, fps=narrative.fps or preset.fps, chunk_frames=preset.chunk_frames,
             vae_temporal=preset.vae_temporal,
@@ -97,7 +100,7 @@ def validate_text(
     """
     try:
         narrative, compiled = parse_editor(text, pipeline, fmt, source)
-    except (ValueError, KeyError) as exc:
+    except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as exc:  # never out of the tab
         return False, error_line(exc), ""
     size = ""
     if pipeline is not None:
