@@ -397,7 +397,8 @@ def _parse_text(text: str) -> Narrative:
 
 
 def _check_total_seconds(segments: list[Segment]) -> None:
-    total = sum(s.seconds for s in segments)  # each is at most the limit: no overflow
+    # each is at most the limit (no overflow); nan/inf/<= 0 are left to validate_narrative's message
+    total = sum(s.seconds for s in segments if math.isfinite(s.seconds) and s.seconds > 0)
     if total > limits.limit("seconds"):
         raise NarrativeError(limits.over("seconds", "the narrative's length in seconds", f"{total:.6g}"))
 
