@@ -269,6 +269,8 @@ def cmd_train_vae(args: argparse.Namespace) -> int:
     config = VAETrainConfig(
         data=args.data, out=args.out, preset=args.preset, steps=args.steps, batch_size=args.batch_size,
         lr=args.lr, crop_frames=args.crop_frames, max_clips=args.max_clips, seed=args.seed,
+        chunks_per_clip=args.chunks_per_clip, crop_size=args.crop_size, threads=args.threads,
+        init=args.init, decoder_only=args.decoder_only,
     )
     train_vae(config, device=args.device or "cpu")
     return 0
@@ -446,6 +448,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--crop-frames", type=int, default=5)
+    p.add_argument("--chunks-per-clip", type=int, default=4, help="frames loaded per video, in DiT chunks")
+    p.add_argument("--crop-size", type=int, help="train on random square crops of this many pixels")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--init", help="a trained VAE folder to continue from")
+    p.add_argument("--decoder-only", action="store_true",
+                   help="train only the decoder (keeps the encoder, its latents and their statistics)")
     p.add_argument("--max-clips", type=int)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device")

@@ -55,7 +55,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .config import PRESETS, MemoryConfig, Preset, get_preset
+from .config import MEMORY_POLICIES, PRESETS, MemoryConfig, Preset, get_preset
 from .flow import sample_training_timesteps
 from .lora import LoRAConfig, attach_lora, load_lora, merge_lora, save_lora
 from .losses import LOSS_VARIANTS, LossWeights, teacher_forcing_loss
@@ -227,6 +227,11 @@ class TrainConfig:
         max_bad_steps: abort after this many non-finite losses in a row.
         sample_every: steps between sample videos (0: never) of ``sample_narrative`` with ``sample_steps``.
         report_to: auto (tensorboard when installed) | tensorboard | none.
+        clip_chunks: chunks per training clip, cut at every offset of the cached clips (``null``: whole
+            cached clips). min_revisit_chunks: keep only clips with this many chunks that revisit a
+            segment which has left the short-term window (long-term memory must serve them).
+        policy_mix: ``{policy: weight}``; each step trains one policy drawn from it (e.g. mostly ``egolcd``,
+            some ``dense`` and ``window``, so ``dense`` stays an upper bound). ``null``: ``memory.policy``.
     """
 
     output_dir: str
@@ -255,6 +260,9 @@ class TrainConfig:
     sample_narrative: str | None = None
     sample_steps: int | None = None
     report_to: str = "auto"
+    clip_chunks: int | None = None
+    min_revisit_chunks: int = 0
+    policy_mix: dict[str, float] | None = None
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -284,6 +292,29 @@ class TrainConfig:
             raise _bad(f"'report_to' must be one of {', '.join(REPORT_TO)}, got {self.report_to!r}")
         if self.sample_steps is not None and self.sample_steps < 1:
             raise _bad(f"'sample_steps' must be >= 1 or null, got {self.sample_steps}")
+        if self.clip_chunks is not None and (isinstance(self.clip_chunks, bool) or self.clip_chunks < 1):
+            raise _bad(f"'clip_chunks' must be >= 1 or null, got {self.clip_chunks}")
+        if isinstance(self.min_revisit_chunks, bool) or self.min_revisit_chunks < 0:
+            raise _bad(f"'min_revisit_chunks' must be >= 0, got {self.min_revisit_chunks}")
+        if self.policy_mix is not None:
+            if not isinstance(self.policy_mix, dict) or not self.policy_mix:
+                raise _bad(f"'policy_mix' must be a mapping of policy name to weight, got {self.policy_mix!r}")
+            for name, weight in self.policy_mix.items():
+                if name not in MEMORY_POLICIES:
+                    raise _bad(f"'policy_mix.{name}': unknown policy; choose from {', '.join(MEMORY_POLICIES)}")
+                if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
+                    raise _bad(f"'policy_mix.{name}' must be a number >= 0, got {weight!r}")
+            if not sum(self.policy_mix.values()) > 0:
+                raise _bad("'policy_mix' weights must not all be 0")
+
+    def policy_for_step(self, step: int) -> str:
+        """The memory policy of optimizer step ``step``: ``memory.policy``, or drawn from ``policy_mix``
+        by a generator seeded with ``(seed, step)`` alone (the same on every process and after a resume)."""
+        if not self.policy_mix:
+            return self.policy_config.policy
+        names = sorted(self.policy_mix)
+        weights = [float(self.policy_mix[n]) for n in names]
+        return random.Random(f"{self.seed}:{step}").choices(names, weights)[0]
 
     @property
     def policy_config(self) -> MemoryConfig:
@@ -542,14 +573,15 @@ class _DataStream:
         return batch
 
 
-def open_dataset(path: str | os.PathLike[str]) -> Any:
-    """The latent cache at ``path`` (``egolcd.data.latents.LatentDataset``, imported lazily)."""
+def open_dataset(path: str | os.PathLike[str], **kwargs: Any) -> Any:
+    """The latent cache at ``path`` (``egolcd.data.latents.LatentDataset``, imported lazily; ``kwargs``:
+    its windowing options)."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"latent cache not found: {path}")
     from .data.latents import LatentDataset
 
-    return LatentDataset(path)
+    return LatentDataset(path, **kwargs)
 
 
 # =========================================================================== model
@@ -661,11 +693,16 @@ class TrainingModule(nn.Module):
     DDP/FSDP and mixed precision wrap the whole teacher-forcing pass)."""
 
     def __init__(
-        self, transformer: EgoLCDTransformer3DModel, policy: MemoryPolicy, weights: LossWeights
+        self,
+        transformer: EgoLCDTransformer3DModel,
+        policy: MemoryPolicy,
+        weights: LossWeights,
+        policies: dict[str, MemoryPolicy] | None = None,
     ) -> None:
         super().__init__()
         self.transformer = transformer
         self.policy = policy
+        self.policies = policies or {policy.name: policy}
         self.weights = weights
 
     def forward(
@@ -676,16 +713,19 @@ class TrainingModule(nn.Module):
         text: list[Tensor],
         embeddings: list[Tensor],
         segments: list[int],
+        revisits: dict[int, int] | None = None,
+        policy: str | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         out = teacher_forcing_loss(
             self.transformer,
-            self.policy,
+            self.policies[policy] if policy is not None else self.policy,
             x0,
             eps,
             t,
             text=text,
             embeddings=embeddings,
             segments=segments,
+            revisits=revisits,
             weights=self.weights,
         )
         return out.loss, out.flow, out.memory
@@ -968,8 +1008,16 @@ class Trainer:
         if self.resume_from is not None:
             self._load_trainable(transformer, load_file(str(self.resume_from / "trainable.safetensors")))
         self.policy = MemoryPolicy(cfg.policy_config, int(transformer.config.chunk_frames))
+        policies = {
+            name: MemoryPolicy.from_name(name, int(transformer.config.chunk_frames), cfg.policy_config)
+            for name in (cfg.policy_mix or {})
+        }
+        policies[self.policy.name] = self.policy
         module = TrainingModule(
-            transformer, self.policy, LossWeights(memory=cfg.loss.memory_weight, variant=cfg.loss.variant)
+            transformer,
+            self.policy,
+            LossWeights(memory=cfg.loss.memory_weight, variant=cfg.loss.variant),
+            policies,
         )
         params = [p for p in module.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(
@@ -1079,7 +1127,13 @@ class Trainer:
     def _open_data(self) -> Any:
         if self.cfg.data is None:
             raise _bad("'data' is required (a latent-cache directory with index.json)")
-        return open_dataset(self.cfg.data)
+        cfg = self.cfg
+        return open_dataset(
+            cfg.data,
+            clip_chunks=cfg.clip_chunks,
+            min_revisit_chunks=cfg.min_revisit_chunks,
+            window_chunks=int(cfg.policy_config.window_chunks or 0),
+        )
 
     def _named_trainable(self) -> dict[str, Tensor]:
         params = {_clean_name(n): p for n, p in self.transformer.named_parameters()}
@@ -1144,7 +1198,9 @@ class Trainer:
         logger.info("resumed from %s at step %d (epoch %d)", ckpt, self.step, self.data.epoch)
 
     # ------------------------------------------------------------------ one step
-    def _prepare_batch(self, batch: dict) -> tuple[Tensor, list[Tensor], list[Tensor], list[int]]:
+    def _prepare_batch(
+        self, batch: dict
+    ) -> tuple[Tensor, list[Tensor], list[Tensor], list[int], dict[int, int]]:
         dev = self.accelerator.device
         x0 = batch["latents"].to(dev, torch.float32)
         text = batch["text"]
@@ -1163,8 +1219,18 @@ class Trainer:
             )
         texts = [text[:, i].to(dev) for i in range(n)]
         pooled = [batch["pooled"][:, i].to(dev, torch.float32) for i in range(n)]
+        if not bool((batch["segments"] == batch["segments"][:1]).all()):
+            raise ValueError(
+                "the clips of a batch have different segment layouts (windows of narrative clips); "
+                "use batch_size: 1 and grad_accum for larger batches"
+            )
         segments = [int(s) for s in batch["segments"][0]]
-        return x0, texts, pooled, segments
+        revisits: dict[int, int] = {}
+        if "revisits" in batch:
+            for seg, rev in zip(segments, batch["revisits"][0].tolist()):
+                if rev >= 0 and rev != seg:
+                    revisits[seg] = int(rev)
+        return x0, texts, pooled, segments, revisits
 
     def _train_step(self) -> dict[str, Any]:
         cfg, acc = self.cfg, self.accelerator
@@ -1172,8 +1238,9 @@ class Trainer:
         self.module.train()
         lr = float(self.scheduler.get_last_lr()[0])
         sums = torch.zeros(4, dtype=torch.float64, device=acc.device)  # loss, flow, memory, bad micro-batches
+        policy = cfg.policy_for_step(self.step)
         for _ in range(cfg.grad_accum):
-            x0, texts, pooled, segments = self._prepare_batch(self.data.next())
+            x0, texts, pooled, segments, revisits = self._prepare_batch(self.data.next())
             t = sample_training_timesteps(
                 (x0.shape[0], len(texts)),
                 shift=cfg.timesteps.shift,
@@ -1183,7 +1250,7 @@ class Trainer:
             eps = torch.randn(x0.shape, generator=self.noise)
             with acc.accumulate(self.module):
                 loss, flow, memory = self.module(
-                    x0, eps.to(acc.device), t.to(acc.device), texts, pooled, segments
+                    x0, eps.to(acc.device), t.to(acc.device), texts, pooled, segments, revisits, policy
                 )
                 acc.backward(loss)
             values = torch.stack([loss.detach(), flow.detach(), memory.detach()]).double()
@@ -1225,6 +1292,7 @@ class Trainer:
             "grad_norm": grad_norm,
             "samples_per_s": cfg.batch_size * n_micro / max(seconds, 1e-9),
             "epoch": self.data.epoch,
+            "policy": policy,
             "skipped": bad,
         }
 

@@ -30,7 +30,12 @@ class VAETrainConfig:
     """Args: data: EgoVid-format dataset root; out: output folder (diffusers layout); preset: sizes;
     steps, batch_size, lr, kl_weight: optimisation; crop_frames: frames per training crop (4k + 1);
     max_clips: limit the clips loaded into memory; chunks_per_clip: clip length
-    (as in the DiT's dataset); seed: everything random."""
+    (as in the DiT's dataset); seed: everything random; crop_size: train on random square crops of this
+    many pixels (the VAE is convolutional: 32x32 crops cost a quarter of 64x64 frames; ``None``: whole
+    frames); threads: torch CPU threads (``None``: torch's default); init: a trained VAE folder to continue
+    from; decoder_only: train only the decoder (``post_quant_conv`` + ``decoder``) on the frozen encoder's
+    posterior means, keeping the latent statistics, so latents already cached (and a DiT trained on them)
+    stay valid while reconstructions sharpen."""
 
     data: str
     out: str
@@ -44,6 +49,10 @@ class VAETrainConfig:
     chunks_per_clip: int = 4
     seed: int = 0
     log_every: int = 50
+    crop_size: int | None = None
+    threads: int | None = None
+    init: str | None = None
+    decoder_only: bool = False
 
 
 def _load_clips(config: VAETrainConfig) -> torch.Tensor:
@@ -60,56 +69,87 @@ def _load_clips(config: VAETrainConfig) -> torch.Tensor:
     return torch.stack(clips)
 
 
-def _batch(clips: torch.Tensor, size: int, frames: int, g: torch.Generator) -> torch.Tensor:
-    n, _, t = clips.shape[:3]
+def _batch(
+    clips: torch.Tensor, size: int, frames: int, g: torch.Generator, crop: int | None = None
+) -> torch.Tensor:
+    n, _, t, h, w = clips.shape
     idx = torch.randint(0, n, (size,), generator=g)
     starts = torch.randint(0, t - frames + 1, (size,), generator=g)
-    crops = torch.stack([clips[i, :, s : s + frames] for i, s in zip(idx.tolist(), starts.tolist())])
-    return crops.float() / 127.5 - 1.0  # (B, 3, frames, H, W)
+    crop_h, crop_w = (h, w) if crop is None else (min(crop, h), min(crop, w))
+    ys = torch.randint(0, h - crop_h + 1, (size,), generator=g)
+    xs = torch.randint(0, w - crop_w + 1, (size,), generator=g)
+    crops = torch.stack([
+        clips[i, :, s : s + frames, y : y + crop_h, x : x + crop_w]
+        for i, s, y, x in zip(idx.tolist(), starts.tolist(), ys.tolist(), xs.tolist())
+    ])
+    return crops.float() / 127.5 - 1.0  # (B, 3, frames, crop_h, crop_w)
 
 
 def train_vae(config: VAETrainConfig, device: str = "cpu") -> Path:
     """Train, measure latent statistics, save. Returns the output folder."""
     if (config.crop_frames - 1) % 4:
         raise ValueError(f"crop_frames must be 4k + 1, got {config.crop_frames}")
+    if config.threads:
+        torch.set_num_threads(int(config.threads))
     preset = get_preset(config.preset)
     clips = _load_clips(config)
     logger.info("training the %s VAE on %d clips of %s", config.preset, len(clips), tuple(clips.shape[2:]))
-    vae_cfg = embedded_vae_config(preset)
-    model = VideoVAE.from_config_dict(vae_cfg, seed=config.seed).model.to(device)
-    model.train().requires_grad_(True)
-    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
+    if config.init is not None:
+        model = VideoVAE.from_pretrained(config.init).model.to(device=device, dtype=torch.float32)
+    else:
+        if config.decoder_only:
+            raise ValueError("decoder_only needs init (a trained VAE whose encoder is kept)")
+        model = VideoVAE.from_config_dict(embedded_vae_config(preset), seed=config.seed).model.to(device)
+    model.train().requires_grad_(not config.decoder_only)
+    if config.decoder_only:
+        model.encoder.eval()
+        for part in (model.post_quant_conv, model.decoder):
+            part.requires_grad_(True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100))
     g = torch.Generator().manual_seed(config.seed)
     bar = tqdm(range(config.steps), desc="vae", unit="step")
     t0 = time.perf_counter()
     for step in bar:
-        x = _batch(clips, config.batch_size, config.crop_frames, g).to(device)
-        posterior = model.encode(x).latent_dist
-        rec = model.decode(posterior.sample(generator=None)).sample
-        l1 = (rec - x).abs().mean()
-        kl = posterior.kl().mean() / x[0].numel()
-        loss = l1 + config.kl_weight * kl
+        x = _batch(clips, config.batch_size, config.crop_frames, g, config.crop_size).to(device)
+        if config.decoder_only:
+            with torch.no_grad():
+                posterior = model.encode(x).latent_dist
+            rec = model.decode(posterior.mode()).sample  # the DiT's latents are posterior means
+            l1 = (rec - x).abs().mean()
+            kl = torch.zeros(())
+            loss = l1
+        else:
+            posterior = model.encode(x).latent_dist
+            rec = model.decode(posterior.sample(generator=None)).sample
+            l1 = (rec - x).abs().mean()
+            kl = posterior.kl().mean() / x[0].numel()
+            loss = l1 + config.kl_weight * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         if step % config.log_every == 0 or step == config.steps - 1:
             bar.set_postfix(l1=f"{l1.item():.4f}", kl=f"{kl.item():.3g}")
             logger.info("vae step %d l1 %.4f kl %.4g (%.1f s)", step, l1.item(), kl.item(), time.perf_counter() - t0)
-    # Latent statistics over the data (posterior means of whole clips)
     model.eval().requires_grad_(False)
+    out = Path(config.out)
+    if config.decoder_only:  # the encoder and its latent statistics are unchanged
+        VideoVAE(model.cpu()).save_pretrained(out)
+        logger.info("saved VAE (decoder fine-tuned) to %s", out)
+        return out
+    # Latent statistics over the data (posterior means of whole clips)
     with torch.no_grad():
         zs = []
-        for i in range(min(len(clips), 32)):
-            frames = clips.shape[2] - (clips.shape[2] - 1) % 4
+        for i in range(min(len(clips), 16)):
+            frames = min(clips.shape[2], 45) - (min(clips.shape[2], 45) - 1) % 4
             x = clips[i : i + 1, :, :frames].float().to(device) / 127.5 - 1.0
             zs.append(model.encode(x).latent_dist.mode().transpose(0, 1).flatten(1))  # (C, L*h*w)
         z = torch.cat(zs, dim=1)
         mean, std = z.mean(dim=1), z.std(dim=1).clamp_min(1e-3)
     model.register_to_config(latents_mean=mean.tolist(), latents_std=std.tolist())
-    out = Path(config.out)
     VideoVAE(model.cpu()).save_pretrained(out)
     logger.info("saved VAE to %s (latent mean %s, std %s)", out, mean.numpy().round(3), std.numpy().round(3))
     return out

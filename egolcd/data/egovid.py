@@ -40,7 +40,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from ..config import get_preset
-from ..narrative import DEFAULT_ACTOR, Narrative, Segment, build_prompts
+from ..narrative import DEFAULT_ACTOR, Narrative, Segment, build_prompts, compile_narrative, load_narrative
 from ..video_io import VideoReadError, iter_frames, probe_video
 
 logger = logging.getLogger(__name__)
@@ -281,6 +281,34 @@ class _Clip:
     pose_path: Path | None = None
     prompts: list[str] = field(default_factory=list)
     segments: list[int] = field(default_factory=list)
+    keys: list[str] = field(default_factory=list)  # memory-key text per chunk (narrative clips only)
+    revisits: list[int] = field(default_factory=list)  # per chunk: segment its segment revisits, or -1
+
+
+def narrative_prompts(
+    path: str | os.PathLike[str], num_chunks: int, fps: int, chunk_frames: int, vae_temporal: int
+) -> tuple[list[str], list[int], list[str], list[int]]:
+    """Per-chunk prompts of a clip that has a narrative file (``prepare-data`` writes one per episode).
+
+    The narrative is compiled with :func:`egolcd.narrative.compile_narrative`, exactly as ``generate``
+    compiles it, so training prompts, memory keys, segment boundaries and revisits are the inference ones.
+
+    Returns:
+        ``(prompts, segments, keys, revisits)`` for the first ``num_chunks`` chunks: the full prompt, the
+        segment index, the memory-key text, and the segment index its segment revisits (-1: none).
+    """
+    compiled = compile_narrative(
+        load_narrative(path), fps=fps, chunk_frames=chunk_frames, vae_temporal=vae_temporal
+    )
+    if compiled.num_chunks < num_chunks:
+        raise ValueError(f"narrative {path} covers {compiled.num_chunks} chunks, the clip has {num_chunks}")
+    segs = compiled.chunk_segments[:num_chunks]
+    return (
+        [compiled.prompts[j] for j in segs],
+        list(segs),
+        [compiled.key_texts[j] for j in segs],
+        [compiled.revisits.get(j, -1) for j in segs],
+    )
 
 
 def _available_frames(n_src: int, src_fps: float, fps: float) -> int:
@@ -329,6 +357,8 @@ class EgoVidDataset(Dataset):
         caption: str, the raw caption.
         prompts: list of N = ``chunks_per_clip`` prompts (one per latent chunk).
         segments: ``LongTensor (N,)``, segment index of each chunk.
+        keys: list of N memory-key texts, and revisits: ``LongTensor (N,)`` (segment each chunk's segment
+            revisits, -1: none); only for rows with a ``narrative`` file (:func:`narrative_prompts`).
         pose: float32 ``(T, ...)`` (or the file's shape when it does not match the source frames); only when
             a ``fused_pose.npy`` exists.
 
@@ -427,11 +457,24 @@ class EgoVidDataset(Dataset):
             seen.add(video_id)
             caption = " ".join((row.get("llava_cap") or row.get("caption") or "").split())
             name = " ".join(row.get("name", "").split())
-            try:
-                prompts, segments = caption_prompts(caption, n, name)
-            except ValueError:
-                self._skip(video_id, "no_caption", f"CSV line {line} has an empty caption")
-                continue
+            keys: list[str] = []
+            revisits: list[int] = []
+            narrative = (row.get("narrative") or "").strip()
+            if narrative:  # a narrative file: the inference schedule (segments, keys, revisits)
+                try:
+                    prompts, segments, keys, revisits = narrative_prompts(
+                        Path(self.config.root) / narrative, n, self.config.fps, self.config.chunk_frames,
+                        self.config.vae_temporal,
+                    )
+                except (OSError, ValueError) as exc:
+                    self._skip(video_id, "bad_narrative", f"CSV line {line}: {str(exc).splitlines()[0]}")
+                    continue
+            else:
+                try:
+                    prompts, segments = caption_prompts(caption, n, name)
+                except ValueError:
+                    self._skip(video_id, "no_caption", f"CSV line {line} has an empty caption")
+                    continue
             out.append(
                 _Clip(
                     video_id=video_id,
@@ -443,6 +486,8 @@ class EgoVidDataset(Dataset):
                     pose_path=self._pose_path(video_id),
                     prompts=prompts,
                     segments=segments,
+                    keys=keys,
+                    revisits=revisits,
                 )
             )
         return out
@@ -556,6 +601,9 @@ class EgoVidDataset(Dataset):
             prompts=list(clip.prompts),
             segments=torch.tensor(clip.segments, dtype=torch.long),
         )
+        if clip.keys:
+            item["keys"] = list(clip.keys)
+            item["revisits"] = torch.tensor(clip.revisits, dtype=torch.long)
         pose = self._pose(clip, indices)
         if pose is not None:
             item["pose"] = pose

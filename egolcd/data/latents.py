@@ -12,6 +12,8 @@ shards plus an ``index.json``::
         <k>.text_mask  (S, l) bool
         <k>.pooled     (S, E)         pooled prompt embeddings (the memory keys)
         <k>.segments   (N,) int64     row of text/pooled used by each latent chunk
+        <k>.revisits   (N,) int64     row of the segment each chunk's segment revisits (-1: none); only for
+                                      clips with a narrative file (ground-truth revisits)
         <k>.pose       (T, ...)       only for clips with poses
 
 ``k`` is the clip's position in ``index.json``'s ``clips`` list. Each shard is written to a temporary file
@@ -320,13 +322,24 @@ def _clip_tensors(
     unique = list(dict.fromkeys(prompts))
     emb = text_encoder.encode(unique)
     length = max(1, int(emb.mask.sum(1).max()))
+    rows = [unique.index(p) for p in prompts]
+    pooled = emb.pooled
+    if "keys" in item:  # narrative clips: memory keys from the key texts, as generate computes them
+        keys = [item["keys"][prompts.index(p)] for p in unique]
+        pooled = text_encoder.encode(keys).pooled
     tensors = {
         f"{key}.latents": latents.to("cpu", dtype).contiguous(),
         f"{key}.text": emb.tokens[:, :length].to("cpu", dtype).contiguous(),
         f"{key}.text_mask": emb.mask[:, :length].to("cpu", torch.bool).contiguous(),
-        f"{key}.pooled": emb.pooled.to("cpu", dtype).contiguous(),
-        f"{key}.segments": torch.tensor([unique.index(p) for p in prompts], dtype=torch.long),
+        f"{key}.pooled": pooled.to("cpu", dtype).contiguous(),
+        f"{key}.segments": torch.tensor(rows, dtype=torch.long),
     }
+    if "revisits" in item:  # per chunk: the row of the segment its segment revisits (-1: none)
+        segments = item["segments"].tolist()
+        row_of = {seg: row for seg, row in zip(segments, rows)}
+        tensors[f"{key}.revisits"] = torch.tensor(
+            [row_of.get(int(r), -1) for r in item["revisits"].tolist()], dtype=torch.long
+        )
     if "pose" in item:
         tensors[f"{key}.pose"] = item["pose"].to("cpu", torch.float32).contiguous()
     return tensors
@@ -481,22 +494,38 @@ class LatentDataset(Dataset):
         text_mask: ``(N, Lt)`` bool.
         pooled: ``(N, E)`` float32.
         segments: ``(N,)`` long, the segment (prompt) index of each chunk.
-        video_id: str.
+        revisits: ``(N,)`` long, the segment (prompt row) each chunk's segment revisits (-1: none).
+        video_id: str. first_chunk: where the window starts in the cached clip.
         pose: float32, only for clips with poses.
 
     Shards are opened lazily with ``safetensors.safe_open`` and up to ``max_open_files`` handles are kept
     (per process; DataLoader workers open their own).
 
+    With ``clip_chunks`` smaller than the cached clips (whole episodes), items are windows of that many
+    chunks starting at every chunk offset, so chunk 0 of a training clip (its sink) is not always the
+    episode's start; ``min_revisit_chunks`` keeps only windows whose revisits exercise long-term memory.
+
     Args:
         directory: the cache folder.
         max_open_files: open shard handles kept.
+        clip_chunks: chunks per item (default: the cached clip length).
+        min_revisit_chunks: keep windows with at least this many chunks revisiting a segment that left the
+            short-term window inside the window.
+        window_chunks: the policy's short-term window W (for that test).
 
     Raises:
         FileNotFoundError: no ``index.json`` (one line).
         ValueError: a corrupt index (one line).
     """
 
-    def __init__(self, directory: str | os.PathLike[str], max_open_files: int = 16) -> None:
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        max_open_files: int = 16,
+        clip_chunks: int | None = None,
+        min_revisit_chunks: int = 0,
+        window_chunks: int = 0,
+    ) -> None:
         self.directory = Path(directory).expanduser()
         self.index = LatentIndex.load(self.directory)
         self.geometry = self.index.geometry
@@ -504,9 +533,45 @@ class LatentDataset(Dataset):
         self._handles: OrderedDict[str, Any] = OrderedDict()
         if not self.index.complete:
             logger.warning("latent cache %s is incomplete (prepare-latents was interrupted)", self.directory)
+        n = self.geometry.chunks_per_clip
+        self.clip_chunks = n if clip_chunks is None else int(clip_chunks)
+        if not 1 <= self.clip_chunks <= n:
+            raise ValueError(f"clip_chunks must be in 1..{n} (the cached clips' chunks), got {clip_chunks}")
+        self.windows = self._windows(int(min_revisit_chunks), int(window_chunks))
+        if not self.windows:
+            raise ValueError(
+                f"no window of {self.clip_chunks} chunks in {self.directory} has {min_revisit_chunks} revisiting "
+                f"chunks beyond a {window_chunks}-chunk window"
+            )
+
+    def _windows(self, min_revisit_chunks: int, window_chunks: int) -> list[tuple[int, int]]:
+        """``(clip, first chunk)`` of every training window (each cached clip when not cropping).
+
+        A window is kept when at least ``min_revisit_chunks`` of its chunks revisit a segment that has a
+        chunk inside the window more than ``window_chunks`` chunks earlier (it has left the short-term
+        window, so only long-term memory holds it).
+        """
+        n, c = self.geometry.chunks_per_clip, self.clip_chunks
+        if c == n and min_revisit_chunks == 0:
+            return [(i, 0) for i in range(len(self.index.clips))]
+        out = []
+        for i, clip in enumerate(self.index.clips):
+            handle = self._handle(clip.shard)
+            segments = handle.get_tensor(f"{clip.key}.segments").tolist()
+            names = handle.keys()
+            revisits = handle.get_tensor(f"{clip.key}.revisits").tolist() if f"{clip.key}.revisits" in names else []
+            for start in range(n - c + 1):
+                count = 0
+                for j in range(start, start + c):
+                    target = revisits[j] if revisits else -1
+                    if target >= 0 and any(segments[q] == target for q in range(start, j - window_chunks)):
+                        count += 1
+                if count >= min_revisit_chunks:
+                    out.append((i, start))
+        return out
 
     def __len__(self) -> int:
-        return len(self.index.clips)
+        return len(self.windows)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -534,24 +599,34 @@ class LatentDataset(Dataset):
         Args:
             i: clip number.
         """
-        clip = self.index.clips[i]
+        ci, first = self.windows[i]
+        clip = self.index.clips[ci]
         handle = self._handle(clip.shard)
         k = clip.key
+        chunks = slice(first, first + self.clip_chunks)
+        frames = slice(first * self.geometry.chunk_frames, (first + self.clip_chunks) * self.geometry.chunk_frames)
         try:
-            segments = handle.get_tensor(f"{k}.segments").long()
+            segments = handle.get_tensor(f"{k}.segments").long()[chunks]
             text = handle.get_tensor(f"{k}.text").float()
             mask = handle.get_tensor(f"{k}.text_mask").bool()
             item: dict[str, Any] = dict(
-                latents=handle.get_tensor(f"{k}.latents").float(),
+                latents=handle.get_tensor(f"{k}.latents").float()[:, frames],
                 pooled=handle.get_tensor(f"{k}.pooled").float()[segments],
                 segments=segments,
                 video_id=clip.video_id,
+                first_chunk=first,
             )
-            if f"{k}.pose" in handle.keys():
+            names = handle.keys()
+            item["revisits"] = (
+                handle.get_tensor(f"{k}.revisits").long()[chunks]
+                if f"{k}.revisits" in names
+                else torch.full_like(segments, -1)
+            )
+            if f"{k}.pose" in names and first == 0 and self.clip_chunks == self.geometry.chunks_per_clip:
                 item["pose"] = handle.get_tensor(f"{k}.pose").float()
         except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ValueError(f"cannot read clip {clip.video_id} from {clip.shard}: {first}") from None
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ValueError(f"cannot read clip {clip.video_id} from {clip.shard}: {first_line}") from None
         pad = self.geometry.text_len - text.shape[1]
         item["text"] = torch.nn.functional.pad(text, (0, 0, 0, pad))[segments]
         item["text_mask"] = torch.nn.functional.pad(mask, (0, pad), value=False)[segments]
@@ -571,7 +646,8 @@ def collate_latents(batch: list[dict[str, Any]]) -> dict[str, Any]:
     """
     out: dict[str, Any] = {
         name: torch.stack([b[name] for b in batch])
-        for name in ("latents", "text", "text_mask", "pooled", "segments")
+        for name in ("latents", "text", "text_mask", "pooled", "segments", "revisits")
+        if all(name in b for b in batch)
     }
     out["video_id"] = [b["video_id"] for b in batch]
     poses = [b.get("pose") for b in batch]

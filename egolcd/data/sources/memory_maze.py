@@ -3,7 +3,8 @@
 Each episode builds a maze with ``memory_maze.tasks.memory_maze_9x9(seed=..., global_observables=True,
 target_color_in_image=False)`` (rooms, corridors, coloured balls) and drives the agent kinematically: a
 planner over ``maze_layout`` produces a tour of places (the start, the coloured balls, corridor ends)
-where the agent looks around (a full turn) and later walks back to a place it has seen (a revisit). The
+where the agent looks around (a full turn) and later walks back to a place it has seen (a revisit):
+start, A, B, back to A, C, back to B, D, back to C, ..., so revisits return to middle places, never the start. The
 agent moves like the env's discrete actions (forward, turn left, turn right) at a constant speed, one
 pose per video frame, and the frames are the egocentric camera rendered by MuJoCo (``MUJOCO_GL``:
 ``osmesa`` by default, ``egl`` on a GPU machine). Poses are read back from the simulator (camera
@@ -53,7 +54,7 @@ MAZE_TASKS = {9: "memory_maze_9x9", 11: "memory_maze_11x11", 13: "memory_maze_13
 SCENE = "a first-person walk through a 3D maze of rooms and corridors with patterned walls and large coloured balls"
 _DIRS = ((1, 0), (0, 1), (-1, 0), (0, -1))  # grid steps (x, y)
 CELL_METRES = 2.0  # Memory Maze's xy_scale
-MAX_NEARBY = 6  # cells: how far a filler place may be
+MAX_NEARBY = 3  # cells: how far a new place may be (short walks: several revisits per episode)
 
 
 class _QuietAbsl:
@@ -72,12 +73,12 @@ class MazeMotion:
 
     Args:
         walk_speed: metres per second (a maze cell is 2 m; the env's agent does about 1.5).
-        turn_speed: degrees per second.
+        turn_speed: degrees per second (a look around, a full turn, takes 3 s: two 12-frame chunks at 8 fps).
         short_seconds: episodes shorter than this turn left and back instead of touring.
     """
 
-    walk_speed: float = 1.5
-    turn_speed: float = 90.0
+    walk_speed: float = 2.0
+    turn_speed: float = 120.0
     short_seconds: float = 12.0
 
 
@@ -154,6 +155,21 @@ def _cell_label(free: set[tuple[int, int]], cell: tuple[int, int]) -> str:
         (ax, ay), (bx, by) = open_dirs
         return "the middle of the corridor" if (ax, ay) == (-bx, -by) else "the bend of the corridor"
     return "the junction" if len(open_dirs) == 3 else "the open area"
+
+
+_ORDINALS = ("second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth")
+
+
+def _unique_label(label: str, used: set[str]) -> str:
+    """``label`` or, when it names an earlier place of the episode, "the second dead end", ... (keys must
+    tell places apart)."""
+    if label not in used:
+        return label
+    for word in _ORDINALS:
+        candidate = label.replace("the ", f"the {word} ", 1)
+        if candidate not in used:
+            return candidate
+    return label
 
 
 def _step(path: list[tuple[int, int]]) -> tuple[int, int]:
@@ -440,84 +456,98 @@ class MemoryMazeSource:
     def _tour(
         self, rng: np.random.Generator, plan: _Plan, free: set[tuple[int, int]], places: list[_Place]
     ) -> None:
-        """Look around the start, then alternate walks to new places and walks back to the previous one.
+        """Look around the start, then visit new places and come back to *middle* ones.
 
-        A new place is chosen only when the walk there, a look around, the walk back and another look
-        around fit in the frames left (else the farthest nearby cell that fits), so a tour long enough to
-        leave the start always revisits a place. What is left at the end is filled by looking around.
+        The pattern is start, A, B, back to A, C, back to B, D, back to C, ...: after each new place N_k
+        (from the second on) the agent walks back to the new place before it, N_(k-1), and looks around
+        again, then goes on to N_(k+1). Every revisit returns to a place seen in the middle of the
+        episode, several chunks after it was left, and the start is never revisited. New places are the coloured balls and cells a few steps away (up to
+        ``MAX_NEARBY``), chosen so that the walk, the look around and (when a return follows) the walk
+        back and the second look fit in the frames left. What is left at the end is filled by looking
+        around.
         """
         here = places[0]
         here.visits = 1
         self._look(rng, plan, here)
         look = plan.turn_frames(2 * math.pi)
-        previous: _Place | None = None
+        news = [here]  # places in the order of their first visit
         while plan.left > 0:
             cur = (int(plan.x), int(plan.y))
-            returning = previous is not None and previous.visits == 1 and here.visits == 1
+            before = news[-2] if len(news) >= 2 and news[-1] is here else None
+            returning = before is not None and before is not places[0] and before.visits == 1
             if returning:
-                options = [previous]
+                assert before is not None
+                path = self._path(free, cur, before.cell)
+                fitting = [(before, path)] if len(path) > 1 else []
             else:
-                options = [p for p in places if p.visits == 0]
-                if not options:
-                    options = [p for p in places if p is not here]
-                rng.shuffle(options)  # type: ignore[arg-type]
-            routes = [(p, self._path(free, cur, p.cell)) for p in options]
-            routes = [(p, path) for p, path in routes if len(path) > 1]
-
-            def cost(p: _Place, path: list[tuple[int, int]], round_trip: bool) -> int:
-                go = self._walk_cost(plan, plan.yaw, path, p.face) + look
-                if not round_trip:
-                    return go
-                back = path[::-1]
-                return go + self._walk_cost(plan, _heading(*_step(back)), back, None) + look
-
-            fitting = [(p, path) for p, path in routes if cost(p, path, not returning) <= plan.left]
-            if not fitting and not returning:
-                nearby = self._nearby_place(rng, plan, free, look)
-                fitting = [nearby] if nearby is not None else []
-            if fitting:
-                place, path = fitting[0]
-            elif routes:
-                place, path = routes[0]  # does not fit: the walk is cut by the end of the episode
-            else:
+                will_return = len(news) >= 2 and here.visits == 1 or here.visits > 1
+                fitting = self._new_places(rng, plan, free, places, look, will_return)
+            if not fitting:
                 break
+            place, path = fitting[0]
             if place not in places:
                 places.append(place)
+            if place.visits == 0:
+                news.append(place)
             self._walk(plan, path, place)
             if plan.left > 0:
                 self._look(rng, plan, place)
-            previous, here = here, place
+            here = place
         if plan.left > 0:  # fill what is left by looking around
             start, n = len(plan.states), plan.left
             side = 1.0 if rng.random() < 0.5 else -1.0
             plan.turn(side * math.radians(self.motion.turn_speed) * n / plan.fps, frames=n)
             plan.segment(start, f"looks around, turning to the {'left' if side > 0 else 'right'}")
 
-    def _nearby_place(
-        self, rng: np.random.Generator, plan: _Plan, free: set[tuple[int, int]], look: int
-    ) -> tuple[_Place, list[tuple[int, int]]] | None:
-        """A cell a few steps away whose round trip (walk, look, walk back, look) fits in what is left.
+    def _new_places(
+        self,
+        rng: np.random.Generator,
+        plan: _Plan,
+        free: set[tuple[int, int]],
+        places: list[_Place],
+        look: int,
+        round_trip: bool,
+    ) -> list[tuple[_Place, list[tuple[int, int]]]]:
+        """Unvisited places reachable from here whose visit fits, best first (nearby balls, then cells).
 
-        Prefers dead ends and junctions up to ``MAX_NEARBY`` cells away, the farther the better.
+        A candidate is an unvisited ball or a cell 2..``MAX_NEARBY`` steps away that is at least two
+        cells from every place already visited (so two places never share views). It fits when the walk
+        there and a look around (plus the walk back and a second look when ``round_trip``) fit in the
+        frames left; when nothing fits, the nearest candidate is returned and the episode ends on it.
         """
         cur = (int(plan.x), int(plan.y))
-        best: tuple[int, bool, float] | None = None
-        choice: tuple[_Place, list[tuple[int, int]]] | None = None
-        for cell in self._bfs(free, cur):
-            if cell == cur:
-                continue
+        taken = [p.cell for p in places if p.visits > 0]
+
+        def far(cell: tuple[int, int]) -> bool:
+            return all(abs(cell[0] - c[0]) + abs(cell[1] - c[1]) >= 2 for c in taken)
+
+        parent = self._bfs(free, cur)
+        candidates: list[tuple[_Place, list[tuple[int, int]]]] = []
+        for p in places:
+            if p.visits == 0 and p.cell in parent and far(p.cell):
+                path = self._path(free, cur, p.cell)
+                if 1 < len(path) <= MAX_NEARBY + 2:  # a ball up to MAX_NEARBY + 1 steps away
+                    candidates.append((p, path))
+        cells = [c for c in parent if c != cur and far(c)]
+        rng.shuffle(cells)  # type: ignore[arg-type]
+        used = {p.label for p in places}
+        for cell in cells:
             path = self._path(free, cur, cell)
-            if len(path) - 1 > MAX_NEARBY:
-                continue
-            go = self._walk_cost(plan, plan.yaw, path, None)
-            back = self._walk_cost(plan, _heading(*_step(path[::-1])), path[::-1], None)
-            if go + back + 2 * look > plan.left:
-                continue
-            label = _cell_label(free, cell)
-            key = (len(path), "corridor" not in label, float(rng.random()))
-            if best is None or key > best:
-                best, choice = key, (_Place(cell, label), path)
-        return choice
+            if 3 <= len(path) <= MAX_NEARBY + 1:
+                candidates.append((_Place(cell, _unique_label(_cell_label(free, cell), used)), path))
+
+        def cost(p: _Place, path: list[tuple[int, int]]) -> int:
+            go = self._walk_cost(plan, plan.yaw, path, p.face) + look
+            if not round_trip:
+                return go
+            back = path[::-1]
+            return go + self._walk_cost(plan, _heading(*_step(back)), back, None) + look
+
+        fitting = [c for c in candidates if cost(*c) <= plan.left]
+        if fitting:
+            balls = [c for c in fitting if c[0].label.endswith(" ball")]
+            return (balls + [c for c in fitting if c not in balls])[:1]
+        return sorted(candidates, key=lambda c: len(c[1]))[:1]
 
     @staticmethod
     def _name(plan: _Plan) -> str:

@@ -1,0 +1,200 @@
+"""Training exercises retrieval exactly as inference does (the "memory works" changes).
+
+* narrative clips: per-chunk prompts, memory keys and revisits from ``compile_narrative``, stored in the
+  latent cache; windows at every offset, filtered to those whose revisits need long-term memory;
+* the context layout of a training clip equals the layout of a generation of the same narrative;
+* memory keys tell places apart better than full prompts;
+* the policy mix is deterministic per step; the pose-paired revisit scores.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from egolcd.config import PRESETS
+from egolcd.data import EgoVidDataset, build_from_preset, prepare_latents
+from egolcd.data.latents import LatentDataset
+from egolcd.losses import teacher_forcing_loss
+from egolcd.memory import MemoryPolicy
+from egolcd.narrative import compile_narrative, load_narrative
+from egolcd.pipeline import EgoLCDPipeline
+from egolcd.revisits import bootstrap_mean_ci, chance_pairs, paired_psnr, revisit_pairs
+from egolcd.text import load_text_encoder
+from egolcd.train import train_config_from_dict
+from egolcd.vae import build_vae
+from egolcd.video_io import VideoWriter
+
+# tiny preset: 2 latent frames per chunk = 8 pixel frames per chunk (after the first); 8 fps -> 1 s/chunk
+TOUR = dict(
+    scene="a maze with coloured balls",
+    actor="The camera wearer",
+    fps=8,
+    segments=[
+        dict(id="s1", seconds=2.0, action="looks around the starting spot"),
+        dict(id="s2", seconds=2.0, action="looks around next to the red ball"),
+        dict(id="s3", seconds=2.0, action="walks to the junction"),
+        dict(id="s4", seconds=2.0, action="looks around at the junction"),
+        dict(id="s5", seconds=2.0, action="walks back to the red ball"),
+        dict(id="s6", seconds=2.125, action="looks around next to the red ball again", revisit="s2"),
+    ],
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread(one_thread_module):
+    yield
+
+
+@pytest.fixture(scope="module")
+def narrative_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("tours")
+    (root / "videos").mkdir()
+    (root / "narratives").mkdir()
+    rows = []
+    for e in range(2):
+        vid = f"tour{e}_0_97"
+        rng = np.random.default_rng(e)
+        frames = rng.integers(0, 255, size=(97, 64, 64, 3), dtype=np.uint8)
+        with VideoWriter(root / "videos" / f"{vid}.mp4", fps=8, width=64, height=64) as w:
+            w.write(frames)
+        (root / "narratives" / f"{vid}.yaml").write_text(yaml.safe_dump(TOUR, sort_keys=False))
+        rows.append(dict(video_id=vid, frame_num=97, fps=8, llava_cap="A maze. The camera wearer walks.",
+                         narrative=f"narratives/{vid}.yaml"))
+    with open(root / "metadata.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return root
+
+
+@pytest.fixture(scope="module")
+def cache(narrative_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("latents")
+    dataset = EgoVidDataset(build_from_preset("tiny", narrative_root, chunks_per_clip=12))
+    prepare_latents(dataset, build_vae(PRESETS["tiny"], None), load_text_encoder("minilm"), out, progress=False)
+    return out
+
+
+def test_narrative_clips_carry_the_inference_schedule(narrative_root: Path) -> None:
+    dataset = EgoVidDataset(build_from_preset("tiny", narrative_root, chunks_per_clip=12))
+    item = dataset[0]
+    compiled = compile_narrative(load_narrative(narrative_root / "narratives" / "tour0_0_97.yaml"), fps=8,
+                                 chunk_frames=2, vae_temporal=4)
+    assert item["segments"].tolist() == compiled.chunk_segments[:12]
+    assert item["prompts"] == [compiled.prompts[s] for s in compiled.chunk_segments[:12]]
+    assert item["keys"] == [compiled.key_texts[s] for s in compiled.chunk_segments[:12]]
+    revisit_chunks = [c for c, r in enumerate(item["revisits"].tolist()) if r >= 0]
+    assert revisit_chunks and all(compiled.chunk_segments[c] == 5 for c in revisit_chunks)
+    assert set(item["revisits"][revisit_chunks].tolist()) == {1}
+
+
+def test_latent_windows_keep_only_clips_that_need_long_term_memory(cache: Path) -> None:
+    whole = LatentDataset(cache)
+    assert len(whole) == 2 and whole[0]["latents"].shape[1] == 24
+    # chunks 2-3 are s2, chunks 10-11 are s6 (revisits s2): a 10-chunk window needs chunk 10 and chunk 2
+    windows = LatentDataset(cache, clip_chunks=10, min_revisit_chunks=1, window_chunks=2)
+    assert windows.windows == [(0, 1), (0, 2), (1, 1), (1, 2)]
+    item = windows[0]
+    assert item["first_chunk"] == 1 and item["latents"].shape[1] == 20
+    rows = item["segments"].tolist()
+    revisits = item["revisits"].tolist()
+    assert revisits[-1] == rows[1] and revisits[:-1] == [-1] * 9  # chunk 10 revisits chunk 2's segment
+    assert LatentDataset(cache, clip_chunks=10, min_revisit_chunks=2, window_chunks=2).windows == [(0, 2), (1, 2)]
+    with pytest.raises(ValueError, match="no window"):  # s2 has not left a 9-chunk window by chunk 11
+        LatentDataset(cache, clip_chunks=10, min_revisit_chunks=1, window_chunks=9)
+    # memory keys are the key texts' embeddings, not the full prompts'
+    text = load_text_encoder("minilm")
+    compiled = compile_narrative(_tour(), fps=8, chunk_frames=2, vae_temporal=4)
+    want = text.encode(compiled.key_texts[:1]).pooled[0]
+    assert torch.allclose(whole[0]["pooled"][0], want, atol=1e-5)
+
+
+def _tour():
+    from egolcd.narrative import parse_narrative
+
+    return parse_narrative(yaml.safe_dump(TOUR), "yaml")
+
+
+def test_training_and_generation_see_the_same_context_layout(tmp_path: Path) -> None:
+    """A clip's teacher-forced contexts == the contexts of generating the same narrative (slots, offsets,
+    forced revisit entries counted inside top_m, current segment skipped)."""
+    pipe = EgoLCDPipeline.from_preset("tiny")
+    narrative = _tour()
+    result = pipe(narrative, tmp_path / "v.mp4", steps=1, progress=False)
+    compiled = compile_narrative(narrative, fps=8, chunk_frames=pipe.chunk_frames, vae_temporal=4)
+    n = compiled.num_chunks
+    emb = pipe.text_encoder.encode(compiled.prompts)
+    keys = pipe.text_encoder.encode(compiled.key_texts).pooled
+    segs = compiled.chunk_segments
+    k = pipe.chunk_frames
+    x0 = torch.randn(1, pipe.vae.latent_channels, n * k, 8, 8)
+    policy = MemoryPolicy(pipe.config.memory, k)
+    with torch.no_grad():
+        out = teacher_forcing_loss(pipe.transformer, policy, x0, torch.randn_like(x0), torch.full((1, n), 0.5),
+                                   [emb.tokens[s : s + 1] for s in segs], [keys[s : s + 1] for s in segs], segs,
+                                   compiled.revisits)
+
+    def layout(spans):
+        return [(s["kind"], s["chunk"], s["segment"], s["tokens"]) for s in spans]
+
+    train_layouts = [layout(c.describe()) for c in out.contexts]
+    infer_layouts = [layout(c.context) for c in result.chunks]
+    assert train_layouts == infer_layouts
+    top_m = pipe.config.memory.top_m
+    revisit_chunk = next(c for c, s in enumerate(segs) if s in compiled.revisits)
+    retrieved = [s for s in result.chunks[revisit_chunk].context if s["kind"] == "retrieved"]
+    assert 0 < len(retrieved) <= top_m
+    assert any(s["segment"] == compiled.revisits[segs[revisit_chunk]] for s in retrieved)  # forced in
+    for c, report in enumerate(result.chunks):  # top-m never spends a slot on the chunk's own segment
+        assert all(s["segment"] != segs[c] for s in report.context if s["kind"] == "retrieved")
+
+
+def test_memory_keys_tell_places_apart_better_than_prompts() -> None:
+    compiled = compile_narrative(_tour(), fps=8, chunk_frames=2, vae_temporal=4)
+    text = load_text_encoder("minilm")
+
+    def cos(pooled, i, j):
+        return float(torch.nn.functional.cosine_similarity(pooled[i], pooled[j], dim=0))
+
+    keys = text.encode(compiled.key_texts).pooled
+    prompts = text.encode(compiled.prompts).pooled
+    # s6 (revisit of the red ball, index 5) vs s2 (the red ball, 1) and vs s4 (the junction, 3)
+    assert cos(keys, 5, 1) - cos(keys, 5, 3) > cos(prompts, 5, 1) - cos(prompts, 5, 3)
+    assert cos(keys, 5, 1) > cos(keys, 5, 3)
+    assert "a maze" not in compiled.key_texts[1]  # no scene sentence in the key
+
+
+def test_policy_mix_is_deterministic_per_step_and_validated() -> None:
+    cfg = train_config_from_dict(dict(output_dir="x", preset="tiny", policy_mix={"egolcd": 0.6, "dense": 0.2,
+                                                                                 "window": 0.2}))
+    draws = [cfg.policy_for_step(s) for s in range(400)]
+    assert draws == [cfg.policy_for_step(s) for s in range(400)]
+    assert set(draws) == {"egolcd", "dense", "window"} and 0.5 < draws.count("egolcd") / 400 < 0.7
+    with pytest.raises(ValueError, match="policy_mix.bogus"):
+        train_config_from_dict(dict(output_dir="x", policy_mix={"bogus": 1.0}))
+    with pytest.raises(ValueError, match="clip_chunks"):
+        train_config_from_dict(dict(output_dir="x", clip_chunks=0))
+    assert train_config_from_dict(dict(output_dir="x", preset="tiny")).policy_for_step(3) == "egolcd"
+
+
+def test_pose_paired_revisit_scores() -> None:
+    # a camera turning on the spot at place A (frames 0-9), then at place B (10-19), then at A again (20-29)
+    yaw = np.tile(np.linspace(-np.pi, np.pi, 10, endpoint=False), 3)
+    pos = np.repeat([[0.0, 0.0], [5.0, 0.0], [0.0, 0.0]], 10, axis=0)
+    poses = np.concatenate([pos, np.zeros((30, 1)), yaw[:, None], np.zeros((30, 1))], axis=1)
+    pairs = revisit_pairs(poses, (20, 30), (0, 10))
+    assert pairs.tolist() == [[20 + i, i] for i in range(10)]
+    chance = chance_pairs(poses, (20, 30), [(10, 20)])
+    assert chance.tolist() == [[20 + i, 10 + i] for i in range(10)]
+    rng = np.random.default_rng(0)
+    place_a, place_b = rng.integers(0, 255, (10, 8, 8, 3)), rng.integers(0, 255, (10, 8, 8, 3))
+    frames = np.concatenate([place_a, place_b, place_a]).astype(np.uint8)
+    assert paired_psnr(frames, pairs) > 70 and paired_psnr(frames, chance) < 15
+    mean, lo, hi = bootstrap_mean_ci([1.0, 2.0, 3.0, 4.0])
+    assert mean == 2.5 and 1.0 <= lo < mean < hi <= 4.0
