@@ -36,13 +36,15 @@ class LossWeights:
 
 @dataclass
 class ClipLoss:
-    """Losses of one clip. ``predictions``: per chunk ``(B, C, K, H, W)``; ``contexts``: what each saw."""
+    """Losses of one clip. ``predictions``: per chunk ``(B, C, K, H, W)``; ``contexts``: what each saw;
+    ``stores``: the long-term entries held before each chunk (to swap into another clip's pass)."""
 
     loss: Tensor
     flow: Tensor
     memory: Tensor
     predictions: list[Tensor] = field(default_factory=list)
     contexts: list[ChunkContext] = field(default_factory=list)
+    stores: list[list[MemoryChunk]] = field(default_factory=list)
 
 
 def flow_loss(v_pred: Tensor, x0: Tensor, eps: Tensor) -> Tensor:
@@ -82,6 +84,7 @@ def teacher_forcing_loss(
     revisits: dict[int, int] | None = None,
     weights: LossWeights | None = None,
     timestep_scale: float = 1000.0,
+    long_term_override: Sequence[list[MemoryChunk]] | None = None,
 ) -> ClipLoss:
     """Run a clip through the policy chunk by chunk and compute ``L_flow + lambda * L_memory``.
 
@@ -92,6 +95,8 @@ def teacher_forcing_loss(
         embeddings: ``(B, E)`` pooled prompt embedding for all chunks, or one per chunk (memory keys).
         segments: segment index of each chunk (default: chunk i -> segment i).
         revisits: segment index -> revisited segment index (forces its long-term entries in).
+        long_term_override: per chunk, long-term entries to read *instead of* the clip's own (e.g. another
+            episode's ``ClipLoss.stores``): the "does the model use its memory" test.
     """
     weights = weights or LossWeights()
     k = policy.chunk_frames
@@ -104,7 +109,7 @@ def teacher_forcing_loss(
     revisits = revisits or {}
     state = policy.init_state()
     history: list[MemoryChunk] = []
-    flow_terms, mem_terms, preds, contexts = [], [], [], []
+    flow_terms, mem_terms, preds, contexts, stores = [], [], [], [], []
     use_mr = weights.variant == "mr" and weights.memory > 0
     for i in range(n_chunks):
         sl = slice(i * k, (i + 1) * k)
@@ -112,7 +117,12 @@ def teacher_forcing_loss(
         emb = embeddings[i] if isinstance(embeddings, (list, tuple)) else embeddings
         revisit = [revisits[segments[i]]] if segments[i] in revisits else []
         # 1. What this chunk sees: exactly the inference context
-        ctx = policy.context(state, emb, revisit)
+        stores.append(list(state.store.entries))
+        own = state.store.entries
+        if long_term_override is not None:
+            state.store.entries = list(long_term_override[i]) if i < len(long_term_override) else []
+        ctx = policy.context(state, emb, revisit, segment=segments[i])
+        state.store.entries = own
         contexts.append(ctx)
         # 2. Denoising prediction on the noisy chunk (gradients flow here)
         ti = t[:, i : i + 1]  # (B, 1)
@@ -139,4 +149,4 @@ def teacher_forcing_loss(
         history.append(policy.write(state, ctx, clean.kv, emb, segments[i], clean.attention_mass))
     flow = torch.stack(flow_terms).mean()
     memory = torch.stack(mem_terms).mean() if mem_terms else flow.new_zeros(())
-    return ClipLoss(flow + weights.memory * memory, flow, memory, preds, contexts)
+    return ClipLoss(flow + weights.memory * memory, flow, memory, preds, contexts, stores)

@@ -191,17 +191,31 @@ class LongTermSparseKVCache:
         top_m: int,
         threshold: float | None = None,
         forced_segments: Sequence[int] = (),
+        skip_segment: int | None = None,
     ) -> list[tuple[MemoryChunk, float]]:
-        """Entries to read for a prompt embedding ``query`` ``(B, E)``: top-m by cosine similarity
-        (mean over the batch), optionally thresholded, plus every entry of ``forced_segments``.
-        Returned in time order, each with its similarity."""
-        if not self.entries:
+        """At most ``top_m`` entries to read for a prompt embedding ``query`` ``(B, E)``.
+
+        Entries of ``forced_segments`` (a narrative's ``revisit:``) are taken first, most recent first, and
+        count inside ``top_m``; the remaining slots go to the highest cosine similarity (mean over the
+        batch, optionally thresholded) among entries not of ``skip_segment`` (the chunk's own segment,
+        whose entries have just left the window). So a chunk never reads more than ``top_m`` entries, in
+        training as at inference (METHOD.md, "Revisions"). Returned in time order, each with its
+        similarity.
+        """
+        if not self.entries or top_m <= 0:
             return []
         keys = torch.stack([e.embedding.float() for e in self.entries], dim=1)  # (B, M, E)
         sims = torch.nn.functional.cosine_similarity(query.float()[:, None], keys, dim=-1).mean(0)  # (M,)
+        forced = [i for i, e in enumerate(self.entries) if e.segment in forced_segments]
+        chosen = sorted(forced, key=lambda i: self.entries[i].chunk, reverse=True)[:top_m]
         order = torch.argsort(sims, descending=True, stable=True).tolist()
-        chosen = [i for i in order if threshold is None or sims[i] >= threshold][:top_m]
-        chosen += [i for i, e in enumerate(self.entries) if e.segment in forced_segments and i not in chosen]
+        for i in order:
+            if len(chosen) >= top_m:
+                break
+            if i in chosen or self.entries[i].segment == skip_segment:
+                continue
+            if threshold is None or sims[i] >= threshold:
+                chosen.append(i)
         chosen.sort(key=lambda i: self.entries[i].chunk)
         return [(self.entries[i], float(sims[i])) for i in chosen]
 
@@ -366,6 +380,7 @@ class MemoryPolicy:
         revisit: Sequence[int] = (),
         count_retrieval: bool = True,
         arena: ContextArena | None = None,
+        segment: int | None = None,
     ) -> ChunkContext:
         """The context of chunk ``state.chunk``.
 
@@ -375,12 +390,15 @@ class MemoryPolicy:
             count_retrieval: count this read for the eviction order (off for side computations).
             arena: preallocated buffers to build the context in (inference); ``None`` concatenates new
                 tensors (training, where autograd needs them).
+            segment: the chunk's own segment index: similarity retrieval skips its entries.
         """
         k = self.chunk_frames
         abs_start = state.chunk * k
         retrieved = []
-        if self.long_term and self.config.top_m + len(revisit) > 0:
-            retrieved = state.store.retrieve(embedding, self.config.top_m, self.config.threshold, revisit)
+        if self.long_term and self.config.top_m > 0:
+            retrieved = state.store.retrieve(
+                embedding, self.config.top_m, self.config.threshold, revisit, skip_segment=segment
+            )
         slots: list[tuple[str, MemoryChunk, float | None]] = [("retrieved", e, s) for e, s in retrieved]
         sink = state.window.sink_chunk
         if sink is not None:

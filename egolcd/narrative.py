@@ -124,6 +124,8 @@ class CompiledNarrative:
         fps: frames per second the schedule was computed for.
         chunk_frames: latent frames per chunk.
         vae_temporal: pixel frames per latent frame (after the first).
+        key_texts: one memory-key text per segment (:func:`build_key_texts`): what tells the segment's
+            place apart, without the scene sentence every prompt repeats.
     """
 
     prompts: list[str]
@@ -137,6 +139,7 @@ class CompiledNarrative:
     fps: int = 16
     chunk_frames: int = 1
     vae_temporal: int = 4
+    key_texts: list[str] = field(default_factory=list)
 
     @property
     def num_segments(self) -> int:
@@ -631,6 +634,33 @@ def build_prompts(narrative: Narrative) -> list[str]:
     return prompts
 
 
+def build_key_texts(narrative: Narrative) -> list[str]:
+    """The memory-key text of every segment: its action clause, plus, for a revisit, the revisited
+    segment's clause ("<clause>; a return to <earlier clause>").
+
+    The full prompt repeats the scene sentence in every segment, so pooled prompt embeddings of different
+    places are nearly identical (cosine 0.93-0.98 on the demo narratives); the clause names the place
+    ("looks around next to the red ball"), so keys of the same place are close and of other places far.
+    Segments with an explicit ``prompt`` and no action use the prompt.
+
+    Args:
+        narrative: a valid narrative.
+    """
+    actor = narrative.actor.strip()
+    clauses = [
+        _action_clause(s.action, actor) if (s.action or "").strip() else (s.prompt or "").strip()
+        for s in narrative.segments
+    ]
+    index_of = {s.id: i for i, s in enumerate(narrative.segments)}
+    keys = []
+    for j, seg in enumerate(narrative.segments):
+        key = clauses[j] or narrative.scene.strip() or DEFAULT_VIEW
+        if seg.revisit is not None:
+            key = f"{key}; a return to {clauses[index_of[seg.revisit]] or 'the earlier view'}"
+        keys.append(key)
+    return keys
+
+
 def _pixel_span(latent: int, vae_temporal: int) -> tuple[int, int]:
     """First and last pixel frame decoded from latent frame ``latent`` (latent 0 is pixel 0 alone)."""
     if latent == 0:
@@ -690,6 +720,7 @@ def compile_narrative(
         fps=fps,
         chunk_frames=chunk_frames,
         vae_temporal=vae_temporal,
+        key_texts=build_key_texts(narrative),
     )
     for i, sid in enumerate(compiled.segment_ids):
         if not compiled.chunk_range(i):

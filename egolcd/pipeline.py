@@ -203,7 +203,7 @@ def generate_chunk(
     """
     k = noise.shape[2]
     # 1. Read memory: what this chunk sees
-    ctx = policy.context(state, key, revisit, arena=arena)
+    ctx = policy.context(state, key, revisit, arena=arena, segment=segment)
     # 2. Denoise
     x0 = sampler(chunk_denoiser(transformer, ctx, text, negative, guidance), noise, sigmas)
     # 3. Write memory: a clean pass (t = 0) gives the chunk's keys/values and importance
@@ -429,10 +429,10 @@ class EgoLCDPipeline:
             "model": model_fingerprint(self.transformer, getattr(self.vae, "model", self.vae)),
         }
 
-        # 1. Prompts: encoded once per unique prompt (token states + pooled memory keys)
+        # 1. Prompts: token states of each segment's full prompt; memory keys from its key text
         emb = self.text_encoder.encode(compiled.prompts)
         tokens = emb.tokens.to(device, self.transformer.dtype)
-        pooled = emb.pooled.to(device)
+        pooled = self.text_encoder.encode(compiled.key_texts or compiled.prompts).pooled.to(device)
         negative = None
         if guidance != 1.0:
             negative = self.text_encoder.encode([cfg.negative_prompt]).tokens.to(device, self.transformer.dtype)

@@ -67,11 +67,29 @@ def test_retrieval_returns_expected_entries_for_hand_built_embeddings():
     got = store.retrieve(unit([1, 0.05, 0]), top_m=2)
     assert [e.chunk for e, _ in got] == [0, 3]  # the two sink-like entries, in time order
     assert got[0][1] > 0.99
-    # threshold drops weak matches; forced segments come in regardless
+    # threshold drops weak matches
     got = store.retrieve(unit([0, 1, 0]), top_m=3, threshold=0.5)
     assert [e.chunk for e, _ in got] == [1]
+    # forced segments count inside top_m and come first: no more than top_m entries, ever
     got = store.retrieve(unit([0, 1, 0]), top_m=1, forced_segments=[2])
+    assert [e.chunk for e, _ in got] == [2]
+    got = store.retrieve(unit([0, 1, 0]), top_m=2, forced_segments=[2])
     assert [e.chunk for e, _ in got] == [1, 2]
+
+
+def test_forced_entries_most_recent_first_and_top_m_skips_the_current_segment():
+    store = LongTermSparseKVCache(keep_ratio=0.5, max_entries=10)
+    e = unit([1, 0, 0])
+    for c in range(4):  # chunks 0-2 of segment 7, chunk 3 of segment 9, all with the same key
+        item = fake_chunk(c, e)
+        item.segment = 7 if c < 3 else 9
+        store.write(item)
+    got = store.retrieve(e, top_m=2, forced_segments=[7])
+    assert [x.chunk for x, _ in got] == [1, 2]  # the two most recent of the forced segment
+    got = store.retrieve(e, top_m=2, skip_segment=9)
+    assert all(x.segment != 9 for x, _ in got) and len(got) == 2
+    got = store.retrieve(e, top_m=4, skip_segment=7)
+    assert [x.chunk for x, _ in got] == [3]
 
 
 def test_budgets_hold_over_500_chunks():
