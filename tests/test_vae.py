@@ -47,7 +47,10 @@ def _stats() -> tuple[torch.Tensor, torch.Tensor]:
 def test_embedded_configs_match_presets() -> None:
     for name, cfg in EMBEDDED_VAE_CONFIGS.items():
         assert cfg["z_dim"] == PRESETS[name].latent_channels
-        assert cfg["temperal_downsample"] == [False, True, True]
+        assert cfg["scale_factor_spatial"] == PRESETS[name].vae_spatial
+        # Wan's stages: 8x = three downsamples (time in the last two), 4x = two (both in time)
+        want = {8: [False, True, True], 4: [True, True]}[cfg["scale_factor_spatial"]]
+        assert cfg["temperal_downsample"] == want and len(cfg["dim_mult"]) == len(want) + 1
         assert cfg["latents_mean"] == [0.0] * cfg["z_dim"] and cfg["latents_std"] == [1.0] * cfg["z_dim"]
 
 
