@@ -57,7 +57,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     fps = narrative.fps or preset.fps
     count_frames([s.seconds for s in narrative.segments], fps)
     _check_size(narrative.width or preset.width, narrative.height or preset.height,
-                preset.vae_spatial * int(preset.transformer.get("patch_size", (1, 2, 2))[1]))
+                preset.vae_spatial, int(preset.transformer.get("patch_size", (1, 2, 2))[1]))
     compiled = compile_narrative(
         narrative, fps=narrative.fps or preset.fps, chunk_frames=preset.chunk_frames, vae_temporal=preset.vae_temporal
     )
@@ -65,12 +65,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_size(width: int, height: int, factor: int) -> None:
-    """The size check ``generate`` makes (``EgoLCDPipeline.video_size``), for ``validate`` without weights."""
+def _check_size(width: int, height: int, vae_factor: int, patch: int) -> None:
+    """The size check ``generate`` makes (``EgoLCDPipeline.video_size``, same message), without weights."""
+    factor = vae_factor * patch
     if height % factor or width % factor:
         raise ValueError(
             f"impossible size {width}x{height}: width and height must be multiples of {factor} "
-            "(VAE factor x patch size of the preset)"
+            f"(VAE factor {vae_factor} x patch {patch})"
         )
 
 
@@ -87,11 +88,11 @@ def _precheck_model(model_dir: Path, narrative) -> None:
         fps = int(narrative.fps or config.get("fps") or preset.fps)
         width = int(narrative.width or config.get("width") or preset.width)
         height = int(narrative.height or config.get("height") or preset.height)
-        factor = preset.vae_spatial * int(preset.transformer.get("patch_size", (1, 2, 2))[1])
+        vae_factor, patch = preset.vae_spatial, int(preset.transformer.get("patch_size", (1, 2, 2))[1])
     except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError):
         return
     count_frames([s.seconds for s in narrative.segments], fps)
-    _check_size(width, height, factor)
+    _check_size(width, height, vae_factor, patch)
 
 
 def _check_output(path: Path) -> None:

@@ -108,7 +108,7 @@ def test_examples_match_demo_preset(name):
     demo = PRESETS["demo"]
     n = load_narrative(EXAMPLES / name)
     assert n.fps == demo.fps and n.width is None and n.height is None  # the model's own size
-    assert 28 <= n.seconds <= 36 and 4 <= len(n.segments) <= 6
+    assert 24 <= n.seconds <= 36 and 4 <= len(n.segments) <= 8  # make demo stays short
     c = compile_narrative(n, fps=n.fps, chunk_frames=demo.chunk_frames, vae_temporal=demo.vae_temporal)
     assert c.revisits and all(k < i for i, k in c.revisits.items())
 
