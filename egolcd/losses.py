@@ -9,7 +9,8 @@ inference. ``L = L_flow + lambda_MR * L_MR``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import random
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -36,13 +37,13 @@ class LossWeights:
 
 @dataclass
 class ClipLoss:
-    """Losses of one clip. ``predictions``: per chunk ``(B, C, K, H, W)``; ``contexts``: what each saw;
+    """Losses of one clip. ``predictions``: per chunk ``(B, C, K, H, W)`` (``None``: not scored); ``contexts``: what each saw;
     ``stores``: the long-term entries held before each chunk (to swap into another clip's pass)."""
 
     loss: Tensor
     flow: Tensor
     memory: Tensor
-    predictions: list[Tensor] = field(default_factory=list)
+    predictions: list[Tensor | None] = field(default_factory=list)
     contexts: list[ChunkContext] = field(default_factory=list)
     stores: list[list[MemoryChunk]] = field(default_factory=list)
 
@@ -72,6 +73,22 @@ def anchor_loss(v_pred: Tensor, eps: Tensor, retrieved_latents: Sequence[Tensor]
     return (v_pred.float() - (eps.float() - anchor)).square().mean()
 
 
+def scored_chunks(
+    segments: Sequence[int], revisits: dict[int, int], count: int | None, rng: random.Random
+) -> list[int] | None:
+    """Which chunks of a clip training scores: every chunk whose segment revisits an earlier one (it must
+    recall a place from memory), then other chunks drawn by ``rng`` until there are ``count`` (``None``:
+    all chunks). Revisit chunks beyond ``count`` are subsampled. Unscored chunks still write memory.
+    """
+    if count is None or count >= len(segments):
+        return None
+    recall = [i for i, s in enumerate(segments) if s in revisits]
+    other = [i for i, s in enumerate(segments) if s not in revisits]
+    if len(recall) >= count:
+        return sorted(rng.sample(recall, count))
+    return sorted(recall + rng.sample(other, count - len(recall)))
+
+
 def teacher_forcing_loss(
     model: EgoLCDTransformer3DModel,
     policy: MemoryPolicy,
@@ -85,6 +102,7 @@ def teacher_forcing_loss(
     weights: LossWeights | None = None,
     timestep_scale: float = 1000.0,
     long_term_override: Sequence[list[MemoryChunk]] | None = None,
+    scored: Collection[int] | None = None,
 ) -> ClipLoss:
     """Run a clip through the policy chunk by chunk and compute ``L_flow + lambda * L_memory``.
 
@@ -97,6 +115,9 @@ def teacher_forcing_loss(
         revisits: segment index -> revisited segment index (forces its long-term entries in).
         long_term_override: per chunk, long-term entries to read *instead of* the clip's own (e.g. another
             episode's ``ClipLoss.stores``): the "does the model use its memory" test.
+        scored: chunk indices whose denoising pass runs and is scored (default: all). The others only
+            run their clean pass, so memory is written exactly as before; training uses it to spend its
+            gradient on the chunks that must recall a place (:func:`scored_chunks`).
     """
     weights = weights or LossWeights()
     k = policy.chunk_frames
@@ -124,21 +145,24 @@ def teacher_forcing_loss(
         ctx = policy.context(state, emb, revisit, segment=segments[i])
         state.store.entries = own
         contexts.append(ctx)
-        # 2. Denoising prediction on the noisy chunk (gradients flow here)
         ti = t[:, i : i + 1]  # (B, 1)
-        x_t = (1 - ti)[:, :, None, None, None] * x0[:, :, sl] + ti[:, :, None, None, None] * eps[:, :, sl]
-        reference = policy.reference_context(history, ctx) if use_mr else None
-        out = model.forward_chunk(
-            x_t, (ti * timestep_scale).expand(-1, k), txt, ctx.layers, ctx.frame_start, reference_context=reference
-        )
-        preds.append(out.sample)
-        flow_terms.append(flow_loss(out.sample, x0[:, :, sl], eps[:, :, sl]))
-        if use_mr and out.memory_outputs is not None:
-            mem_terms.append(memory_regulation_loss(out.memory_outputs))
-        elif weights.variant == "anchor" and weights.memory > 0:
-            retrieved = [x0[:, :, s.chunk * k : (s.chunk + 1) * k] for s in ctx.spans if s.kind == "retrieved"]
-            if retrieved:
-                mem_terms.append(anchor_loss(out.sample, eps[:, :, sl], retrieved))
+        # 2. Denoising prediction on the noisy chunk (gradients flow here); unscored chunks skip it
+        if scored is not None and i not in scored:
+            preds.append(None)
+        else:
+            x_t = (1 - ti)[:, :, None, None, None] * x0[:, :, sl] + ti[:, :, None, None, None] * eps[:, :, sl]
+            reference = policy.reference_context(history, ctx) if use_mr else None
+            out = model.forward_chunk(
+                x_t, (ti * timestep_scale).expand(-1, k), txt, ctx.layers, ctx.frame_start, reference_context=reference
+            )
+            preds.append(out.sample)
+            flow_terms.append(flow_loss(out.sample, x0[:, :, sl], eps[:, :, sl]))
+            if use_mr and out.memory_outputs is not None:
+                mem_terms.append(memory_regulation_loss(out.memory_outputs))
+            elif weights.variant == "anchor" and weights.memory > 0:
+                retrieved = [x0[:, :, s.chunk * k : (s.chunk + 1) * k] for s in ctx.spans if s.kind == "retrieved"]
+                if retrieved:
+                    mem_terms.append(anchor_loss(out.sample, eps[:, :, sl], retrieved))
         # 3. Clean pass (t = 0) writes the chunk into memory, as inference does
         with torch.no_grad():
             clean = model.forward_chunk(

@@ -58,7 +58,7 @@ from tqdm.auto import tqdm
 from .config import MEMORY_POLICIES, PRESETS, MemoryConfig, Preset, get_preset
 from .flow import sample_training_timesteps
 from .lora import LoRAConfig, attach_lora, load_lora, merge_lora, save_lora
-from .losses import LOSS_VARIANTS, LossWeights, teacher_forcing_loss
+from .losses import LOSS_VARIANTS, LossWeights, scored_chunks, teacher_forcing_loss
 from .memory import MemoryPolicy
 from .transformer import EgoLCDTransformer3DModel
 
@@ -111,16 +111,21 @@ def _bad(message: str) -> ValueError:
 
 @dataclass
 class LossConfig:
-    """Args: memory_weight: lambda of the memory term; variant: ``mr`` | ``anchor`` | ``none``."""
+    """Args: memory_weight: lambda of the memory term; variant: ``mr`` | ``anchor`` | ``none``;
+    scored_chunks: score this many chunks per clip, the chunks that revisit a place first, the rest drawn
+    at random (``null``: every chunk). Unscored chunks still run their clean pass and write memory."""
 
     memory_weight: float = 0.1
     variant: str = "mr"
+    scored_chunks: int | None = None
 
     def __post_init__(self) -> None:
         if self.variant not in LOSS_VARIANTS:
             raise _bad(f"'loss.variant' must be one of {', '.join(LOSS_VARIANTS)}, got {self.variant!r}")
         if self.memory_weight < 0:
             raise _bad(f"'loss.memory_weight' must be >= 0, got {self.memory_weight}")
+        if self.scored_chunks is not None and (isinstance(self.scored_chunks, bool) or self.scored_chunks < 1):
+            raise _bad(f"'loss.scored_chunks' must be >= 1 or null, got {self.scored_chunks}")
 
 
 @dataclass
@@ -715,6 +720,7 @@ class TrainingModule(nn.Module):
         segments: list[int],
         revisits: dict[int, int] | None = None,
         policy: str | None = None,
+        scored: list[int] | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         out = teacher_forcing_loss(
             self.transformer,
@@ -727,6 +733,7 @@ class TrainingModule(nn.Module):
             segments=segments,
             revisits=revisits,
             weights=self.weights,
+            scored=scored,
         )
         return out.loss, out.flow, out.memory
 
@@ -1239,8 +1246,12 @@ class Trainer:
         lr = float(self.scheduler.get_last_lr()[0])
         sums = torch.zeros(4, dtype=torch.float64, device=acc.device)  # loss, flow, memory, bad micro-batches
         policy = cfg.policy_for_step(self.step)
-        for _ in range(cfg.grad_accum):
+        for micro in range(cfg.grad_accum):
             x0, texts, pooled, segments, revisits = self._prepare_batch(self.data.next())
+            scored = scored_chunks(  # seeded by (seed, step, micro-batch, process): the same after a resume
+                segments, revisits, cfg.loss.scored_chunks,
+                random.Random(f"{cfg.seed}:{self.step}:{micro}:{acc.process_index}"),
+            )
             t = sample_training_timesteps(
                 (x0.shape[0], len(texts)),
                 shift=cfg.timesteps.shift,
@@ -1250,7 +1261,7 @@ class Trainer:
             eps = torch.randn(x0.shape, generator=self.noise)
             with acc.accumulate(self.module):
                 loss, flow, memory = self.module(
-                    x0, eps.to(acc.device), t.to(acc.device), texts, pooled, segments, revisits, policy
+                    x0, eps.to(acc.device), t.to(acc.device), texts, pooled, segments, revisits, policy, scored
                 )
                 acc.backward(loss)
             values = torch.stack([loss.detach(), flow.detach(), memory.detach()]).double()

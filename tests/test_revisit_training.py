@@ -198,3 +198,41 @@ def test_pose_paired_revisit_scores() -> None:
     assert paired_psnr(frames, pairs) > 70 and paired_psnr(frames, chance) < 15
     mean, lo, hi = bootstrap_mean_ci([1.0, 2.0, 3.0, 4.0])
     assert mean == 2.5 and 1.0 <= lo < mean < hi <= 4.0
+
+
+def test_scored_chunks_put_recall_first_and_leave_memory_writes_unchanged() -> None:
+    """``loss.scored_chunks``: revisit chunks are always scored, the rest drawn; unscored chunks still
+    write memory, so every context (and the scored chunks' losses) equal those of a fully scored clip."""
+    import random
+
+    from egolcd.losses import scored_chunks
+
+    segs, revisits = [0, 0, 1, 1, 2, 2, 3, 3], {3: 1}
+    picks = scored_chunks(segs, revisits, 4, random.Random(0))
+    assert picks is not None and len(picks) == 4 and {6, 7} <= set(picks)
+    assert scored_chunks(segs, revisits, None, random.Random(0)) is None
+    assert scored_chunks(segs, revisits, 8, random.Random(0)) is None
+    assert scored_chunks(segs, revisits, 1, random.Random(0)) in ([6], [7])
+    with pytest.raises(ValueError, match="scored_chunks"):
+        train_config_from_dict(dict(output_dir="x", loss={"scored_chunks": 0}))
+
+    torch.manual_seed(0)
+    pipe = EgoLCDPipeline.from_preset("tiny")
+    k, n = pipe.chunk_frames, len(segs)
+    x0 = torch.randn(1, pipe.vae.latent_channels, n * k, 8, 8)
+    eps, t = torch.randn_like(x0), torch.rand(1, n)
+    text = [torch.randn(1, 4, pipe.transformer.config.text_dim) for _ in range(n)]
+    keys = [torch.randn(1, 8) for _ in range(n)]
+    policy = MemoryPolicy(pipe.config.memory, k)
+    with torch.no_grad():
+        full = teacher_forcing_loss(pipe.transformer, policy, x0, eps, t, text, keys, segs, revisits)
+        part = teacher_forcing_loss(pipe.transformer, policy, x0, eps, t, text, keys, segs, revisits, scored=picks)
+    assert [c.describe() for c in part.contexts] == [c.describe() for c in full.contexts]
+    for i in range(n):
+        if i in picks:
+            torch.testing.assert_close(part.predictions[i], full.predictions[i])
+        else:
+            assert part.predictions[i] is None
+    expected = torch.stack([(full.predictions[i] - (eps - x0)[:, :, i * k : (i + 1) * k]).square().mean()
+                            for i in picks]).mean()
+    torch.testing.assert_close(part.flow, expected)
