@@ -37,7 +37,7 @@ def error_line(exc: BaseException) -> str:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from .data.sources import MissingDependencyError
-    from .train import TrainingAborted
+    from .training import TrainingAborted
 
     return (*USER_ERRORS, TrainingAborted, MissingDependencyError)
 
@@ -207,7 +207,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import train_main
+    from .training import train_main
 
     out = train_main(args.config, resume=args.resume)
     sys.stdout.write(f"{out}\n")
@@ -215,7 +215,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .train import export_checkpoint
+    from .training import export_checkpoint
 
     out = export_checkpoint(
         args.checkpoint, args.directory, merge=args.merge, use_ema=not args.no_ema, overwrite=args.overwrite

@@ -11,7 +11,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from egolcd.train import CHECKPOINT_FORMAT, Trainer, _read_json, _trim_metrics_log, checkpoint_problem
+from egolcd.training import CHECKPOINT_FORMAT, Trainer, checkpoint_problem
+from egolcd.training.checkpoint import _read_json, _trim_metrics_log
 
 
 def _fake_checkpoint(root, step):

@@ -26,7 +26,7 @@ from egolcd.narrative import compile_narrative, load_narrative
 from egolcd.pipeline import EgoLCDPipeline
 from egolcd.revisits import bootstrap_mean_ci, chance_pairs, paired_psnr, revisit_pairs
 from egolcd.text import load_text_encoder
-from egolcd.train import train_config_from_dict
+from egolcd.training import train_config_from_dict
 from egolcd.vae import build_vae
 from egolcd.video_io import VideoWriter
 

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from egolcd.config import PRESETS
 from egolcd.losses import LossWeights, teacher_forcing_loss
 from egolcd.memory import MemoryPolicy
-from egolcd.train import (
+from egolcd.training import (
     Trainer,
     TrainingAborted,
     export_checkpoint,
@@ -285,7 +285,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path):
 
 
 def test_failed_save_leaves_previous_checkpoints_intact(tmp_path, monkeypatch):
-    import egolcd.train as train_mod
+    import egolcd.training.checkpoint as train_mod
 
     calls = {"n": 0}
     real = train_mod._optimizer_to_tensors
