@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .config import MemoryConfig, Preset, get_preset
-from .flow import cfg_denoiser, get_sampler, get_sigmas, make_scheduler, to_model_timestep
+from .flow import cfg_denoiser, distilled_sigmas, get_sampler, get_sigmas, make_scheduler, to_model_timestep
 from .limits import check_generation_options, check_state_path, count_frames
 from .memory import ChunkContext, ContextArena, MemoryPolicy, MemoryState
 from .narrative import CompiledNarrative, Narrative, compile_narrative, load_narrative
@@ -51,6 +51,9 @@ class GenerationConfig:
         fps, height, width: default video geometry (a narrative may override).
         steps, shift, sampler, guidance, negative_prompt: sampling defaults.
         memory: default memory configuration.
+        denoising_step_list, warp_denoising_step: a distilled model's own schedule (Self-Forcing,
+            CausVid, LongLive: e.g. ``[1000, 750, 500, 250]``, warped with ``shift``), used by the
+            ``distilled`` sampler at ``len(denoising_step_list)`` steps (``sampling_sigmas``).
     """
 
     preset: str = "tiny"
@@ -66,6 +69,8 @@ class GenerationConfig:
     guidance: float = 1.0
     negative_prompt: str = ""
     memory: MemoryConfig = field(default_factory=MemoryConfig)
+    denoising_step_list: list[int] | None = None
+    warp_denoising_step: bool = True
 
     @classmethod
     def from_preset(cls, preset: Preset, **overrides: Any) -> GenerationConfig:
@@ -93,6 +98,16 @@ class GenerationConfig:
                 continue
             if name == "text_encoder_path":
                 ok = value is None or isinstance(value, str)
+            elif name == "denoising_step_list":
+                ok = value is None or (
+                    isinstance(value, list) and bool(value)
+                    and all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 1000 for v in value)
+                    and all(a > b for a, b in zip(value, value[1:]))
+                )
+                if not ok:
+                    raise ValueError(
+                        f"{CONFIG_NAME}: denoising_step_list must be null or descending integers in 1..1000, got {value!r}"
+                    )
             elif isinstance(default, bool) or isinstance(default, str):
                 ok = isinstance(value, type(default))
             elif isinstance(default, int):
@@ -128,6 +143,15 @@ class GenerationResult:
     fps: int
     num_chunks: int
     chunks: list[ChunkReport]
+
+
+def sampling_sigmas(config: GenerationConfig, sampler: str, steps: int) -> Tensor:
+    """The schedule of a run: a distilled model's own step list (``config.denoising_step_list``) when it
+    is sampled with the ``distilled`` sampler at that many steps, else ``get_sigmas(steps, config.shift)``."""
+    step_list = config.denoising_step_list
+    if sampler == "distilled" and step_list and steps == len(step_list):
+        return distilled_sigmas(step_list, config.shift, config.warp_denoising_step)
+    return get_sigmas(steps, config.shift)
 
 
 def narrative_fingerprint(compiled: CompiledNarrative) -> str:
@@ -337,6 +361,12 @@ class EgoLCDPipeline:
         for part in ("transformer", "vae"):
             if not (directory / part / "config.json").is_file():
                 raise FileNotFoundError(f"{directory} is missing its {part}/ folder")
+        if (directory / "transformer" / "egolcd_distillation.json").is_file() and config.sampler != "distilled":
+            logger.warning(
+                "%s: the transformer is a distilled few-step model but %s samples with %r; use --sampler "
+                "distilled, or assemble the folder with `egolcd create-model DIR --from-wan`", directory,
+                CONFIG_NAME, config.sampler,
+            )
         transformer = EgoLCDTransformer3DModel.from_pretrained(directory / "transformer", torch_dtype=dtype)
         lora_dir = directory / "transformer" / "lora"
         if lora_dir.is_dir():
@@ -436,7 +466,7 @@ class EgoLCDPipeline:
         negative = None
         if guidance != 1.0:
             negative = self.text_encoder.encode([cfg.negative_prompt]).tokens.to(device, self.transformer.dtype)
-        sigmas = get_sigmas(steps, cfg.shift)  # on the host: no device sync in the step loop
+        sigmas = sampling_sigmas(cfg, sampler_name, steps)  # on the host: no device sync in the step loop
 
         # 2. Memory state: new, or resumed
         state = policy.init_state()

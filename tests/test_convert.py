@@ -35,7 +35,10 @@ def _one_thread(one_thread_module):
 # --------------------------------------------------------------------------- original-layout checkpoints
 
 
-def original_wan_state(seed: int = 0, cross_attn_norm: bool = True, layers: int = LAYERS) -> dict[str, torch.Tensor]:
+def original_wan_state(
+    seed: int = 0, cross_attn_norm: bool = True, layers: int = LAYERS, in_ch: int = IN_CH, out_ch: int = OUT_CH,
+    text_dim: int = TEXT_DIM,
+) -> dict[str, torch.Tensor]:
     """A random Wan2.1 T2V DiT state dict with the original release's key names."""
     g = torch.Generator().manual_seed(seed)
 
@@ -46,14 +49,14 @@ def original_wan_state(seed: int = 0, cross_attn_norm: bool = True, layers: int 
         return {f"{name}.weight": rnd(out_f, in_f, scale=1 / math.sqrt(in_f)), f"{name}.bias": rnd(out_f, scale=0.05)}
 
     sd: dict[str, torch.Tensor] = {
-        "patch_embedding.weight": rnd(DIM, IN_CH, *PATCH, scale=0.3),
+        "patch_embedding.weight": rnd(DIM, in_ch, *PATCH, scale=0.3),
         "patch_embedding.bias": rnd(DIM, scale=0.05),
-        **lin("text_embedding.0", DIM, TEXT_DIM),
+        **lin("text_embedding.0", DIM, text_dim),
         **lin("text_embedding.2", DIM, DIM),
         **lin("time_embedding.0", DIM, FREQ_DIM),
         **lin("time_embedding.2", DIM, DIM),
         **lin("time_projection.1", 6 * DIM, DIM),
-        **lin("head.head", OUT_CH * math.prod(PATCH), DIM),
+        **lin("head.head", out_ch * math.prod(PATCH), DIM),
         "head.modulation": rnd(1, 2, DIM, scale=0.1),
     }
     for i in range(layers):
