@@ -4,7 +4,6 @@
     egolcd generate NARRATIVE.yaml -o out.mp4 [--model DIR] [--memory egolcd|dense|window|sink-window|none]
                     [--steps N] [--guidance G] [--seed S] [--save-state P] [--resume P]
     egolcd create-model DIR --preset tiny        # random weights, diffusers layout (tests, training start)
-    egolcd create-model DIR --from-wan WAN_DIFFUSERS_DIR [--transformer CONVERTED]   # released weights, linked
     egolcd convert SRC DST [--from auto|wan|self-forcing|causvid|longlive] [--ema] [--lora LORA.pt]
     egolcd studio [--model DIR] [--port 7860]    # local web studio (Gradio, localhost)
     egolcd bench --preset tiny [--device cuda --dtype bfloat16 --compile]   # speed/memory per policy
@@ -23,25 +22,9 @@ from pathlib import Path
 
 from . import __version__
 from .config import MEMORY_POLICIES, PRESETS
+from .errors import USER_ERRORS, error_line
 
 logger = logging.getLogger("egolcd")
-
-# Errors that are the user's input, not egolcd's bugs: reported as one line.
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, KeyError)
-
-
-def error_line(exc: BaseException) -> str:
-    """The one line a user error is reported as (``egolcd: error: ...``; the studio shows the same)."""
-    message = " ".join(str(exc).split()) or type(exc).__name__
-    return f"egolcd: error: {message}"
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from .data.sources import MissingDependencyError
-    from .training import TrainingAborted
-
-    return (*USER_ERRORS, TrainingAborted, MissingDependencyError)
-
 
 def _default_model_dir() -> Path:
     from .pipeline import EMBEDDED_MODEL_DIR
@@ -186,24 +169,10 @@ def _parse_size(text: str) -> tuple[int, int]:
 def cmd_create_model(args: argparse.Namespace) -> int:
     from .pipeline import EgoLCDPipeline
 
-    if args.from_wan:
-        from .assemble import assemble_model_dir
-
-        out = assemble_model_dir(
-            args.directory, args.from_wan, transformer=args.transformer, vae=args.vae,
-            text_encoder=args.text_encoder_path, preset=args.preset, chunk_frames=args.chunk_frames,
-            link=args.link, overwrite=args.overwrite,
-        )
-        sys.stdout.write(f"{out}\n")
-        return 0
-    for option in ("transformer", "chunk_frames"):
-        if getattr(args, option) is not None:
-            raise ValueError(f"--{option.replace('_', '-')} applies to --from-wan only")
-    preset = args.preset or "tiny"
     overrides = {"text_encoder_path": args.text_encoder_path} if args.text_encoder_path else {}
-    pipe = EgoLCDPipeline.from_preset(preset, seed=args.seed, vae_path=args.vae, **overrides)
+    pipe = EgoLCDPipeline.from_preset(args.preset, seed=args.seed, vae_path=args.vae, **overrides)
     pipe.save_pretrained(args.directory)
-    logger.info("wrote a randomly initialised %r model to %s", preset, args.directory)
+    logger.info("wrote a randomly initialised %r model to %s", args.preset, args.directory)
     return 0
 
 
@@ -380,24 +349,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_prepare_data)
 
-    p = sub.add_parser("create-model", help="write a model folder: random weights of a preset, or --from-wan released weights")
+    p = sub.add_parser("create-model", help="write a randomly initialised model of a preset (diffusers layout)")
     p.add_argument("directory")
-    p.add_argument("--preset", choices=sorted(PRESETS),
-                   help="sizes (random weights; default tiny) or, with --from-wan, the memory/size defaults "
-                        "(default: the Wan preset the transformer matches)")
-    p.add_argument("--vae", help="a VAE folder to include (default: the preset's embedded VAE, untrained; "
-                                 "with --from-wan: the source's vae/)")
-    p.add_argument("--text-encoder", "--text-encoder-path", dest="text_encoder_path",
-                   help="umT5/T5 folder or hub id for presets that use one (wan2.1-*)")
-    p.add_argument("--from-wan", metavar="SRC",
-                   help="assemble from a diffusers Wan2.1 folder (transformer, vae, text_encoder, tokenizer) "
-                        "or a transformer folder `egolcd convert` wrote (then give --vae and --text-encoder)")
-    p.add_argument("--transformer", help="with --from-wan: a converted transformer folder replacing SRC's")
-    p.add_argument("--chunk-frames", type=int, help="with --from-wan: latent frames per chunk (default: the "
-                                                    "transformer's, else the preset's)")
-    p.add_argument("--link", default="auto", choices=["auto", "hard", "symlink", "copy"],
-                   help="with --from-wan: how large files are placed (auto: hard link, else symlink)")
-    p.add_argument("--overwrite", action="store_true", help="with --from-wan: replace an existing folder")
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    p.add_argument("--vae", help="a trained VAE folder to include (default: the preset's embedded VAE, untrained)")
+    p.add_argument("--text-encoder-path", help="umT5/T5 folder or hub id for presets that use one (wan2.1-*)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_create_model)
 
@@ -511,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("egolcd: interrupted\n")
         return 130
-    except _user_errors() as exc:
+    except USER_ERRORS as exc:
         if args.debug:
             raise
         sys.stderr.write(error_line(exc) + "\n")

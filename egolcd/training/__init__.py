@@ -29,6 +29,7 @@ Modules, one concept each: :mod:`.config` (the YAML schema), :mod:`.data` (resum
 :mod:`.monitor` (samples, logs, stop), :mod:`.trainer` (the loop), :mod:`.export`.
 """
 
+from ..errors import TrainingAborted
 from .checkpoint import CHECKPOINT_FORMAT, checkpoint_problem, latest_checkpoint, list_checkpoints
 from .config import (
     EMAConfig,
@@ -44,7 +45,7 @@ from .config import (
 from .data import ResumableSampler, open_dataset
 from .export import export_checkpoint
 from .model import EMA, TrainingModule, build_model, load_base_transformer
-from .trainer import Trainer, TrainingAborted, TrainResult, train, train_main
+from .trainer import Trainer, TrainResult, train, train_main
 
 __all__ = [
     "EMA",

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..errors import TrainingAborted
 from ..flow import sample_training_timesteps
 from ..losses import LossWeights, scored_chunks
 from ..memory import MemoryPolicy
@@ -40,11 +41,6 @@ from .model import (
 from .monitor import MonitorMixin, _flat
 
 logger = logging.getLogger(__name__)
-
-
-class TrainingAborted(RuntimeError):
-    """Training stopped on purpose (e.g. ``max_bad_steps`` non-finite losses in a row); checkpoints
-    already written are untouched."""
 
 
 @dataclass

@@ -43,6 +43,7 @@ import numpy as np
 import yaml
 from tqdm.auto import tqdm
 
+from ...errors import MissingDependencyError
 from ...narrative import DEFAULT_ACTOR, Narrative, Segment, validate_narrative
 from ...video_io import VideoWriter
 
@@ -88,10 +89,6 @@ CSV_COLUMNS = (
     "pose",
 )
 MIN_FRAMES = 8
-
-
-class MissingDependencyError(ImportError):
-    """An optional package of a source is not installed (one-line message with the install command)."""
 
 
 # ------------------------------------------------------------------------------------------- episodes
