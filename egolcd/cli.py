@@ -4,6 +4,7 @@
     egolcd generate NARRATIVE.yaml -o out.mp4 [--model DIR] [--memory egolcd|dense|window|sink-window|none]
                     [--steps N] [--guidance G] [--seed S] [--save-state P] [--resume P]
     egolcd create-model DIR --preset tiny        # random weights, diffusers layout (tests, training start)
+    egolcd create-model DIR --from-wan WAN_DIFFUSERS_DIR [--transformer CONVERTED]   # released weights, linked
     egolcd convert SRC DST [--from auto|wan|self-forcing|causvid|longlive] [--ema] [--lora LORA.pt]
     egolcd studio [--model DIR] [--port 7860]    # local web studio (Gradio, localhost)
     egolcd bench --preset tiny [--device cuda --dtype bfloat16 --compile]   # speed/memory per policy
@@ -169,10 +170,24 @@ def _parse_size(text: str) -> tuple[int, int]:
 def cmd_create_model(args: argparse.Namespace) -> int:
     from .pipeline import EgoLCDPipeline
 
+    if args.from_wan:
+        from .assemble import assemble_model_dir
+
+        out = assemble_model_dir(
+            args.directory, args.from_wan, transformer=args.transformer, vae=args.vae,
+            text_encoder=args.text_encoder_path, preset=args.preset, chunk_frames=args.chunk_frames,
+            link=args.link, overwrite=args.overwrite,
+        )
+        sys.stdout.write(f"{out}\n")
+        return 0
+    for option in ("transformer", "chunk_frames"):
+        if getattr(args, option) is not None:
+            raise ValueError(f"--{option.replace('_', '-')} applies to --from-wan only")
+    preset = args.preset or "tiny"
     overrides = {"text_encoder_path": args.text_encoder_path} if args.text_encoder_path else {}
-    pipe = EgoLCDPipeline.from_preset(args.preset, seed=args.seed, vae_path=args.vae, **overrides)
+    pipe = EgoLCDPipeline.from_preset(preset, seed=args.seed, vae_path=args.vae, **overrides)
     pipe.save_pretrained(args.directory)
-    logger.info("wrote a randomly initialised %r model to %s", args.preset, args.directory)
+    logger.info("wrote a randomly initialised %r model to %s", preset, args.directory)
     return 0
 
 
@@ -349,11 +364,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_prepare_data)
 
-    p = sub.add_parser("create-model", help="write a randomly initialised model of a preset (diffusers layout)")
+    p = sub.add_parser("create-model", help="write a model folder: random weights of a preset, or --from-wan released weights")
     p.add_argument("directory")
-    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
-    p.add_argument("--vae", help="a trained VAE folder to include (default: the preset's embedded VAE, untrained)")
-    p.add_argument("--text-encoder-path", help="umT5/T5 folder or hub id for presets that use one (wan2.1-*)")
+    p.add_argument("--preset", choices=sorted(PRESETS),
+                   help="sizes (random weights; default tiny) or, with --from-wan, the memory/size defaults "
+                        "(default: the Wan preset the transformer matches)")
+    p.add_argument("--vae", help="a VAE folder to include (default: the preset's embedded VAE, untrained; "
+                                 "with --from-wan: the source's vae/)")
+    p.add_argument("--text-encoder", "--text-encoder-path", dest="text_encoder_path",
+                   help="umT5/T5 folder or hub id for presets that use one (wan2.1-*)")
+    p.add_argument("--from-wan", metavar="SRC",
+                   help="assemble from a diffusers Wan2.1 folder (transformer, vae, text_encoder, tokenizer) "
+                        "or a transformer folder `egolcd convert` wrote (then give --vae and --text-encoder)")
+    p.add_argument("--transformer", help="with --from-wan: a converted transformer folder replacing SRC's")
+    p.add_argument("--chunk-frames", type=int, help="with --from-wan: latent frames per chunk (default: the "
+                                                    "transformer's, else the preset's)")
+    p.add_argument("--link", default="auto", choices=["auto", "hard", "symlink", "copy"],
+                   help="with --from-wan: how large files are placed (auto: hard link, else symlink)")
+    p.add_argument("--overwrite", action="store_true", help="with --from-wan: replace an existing folder")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_create_model)
 
