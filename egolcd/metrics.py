@@ -467,7 +467,7 @@ def _load_local(cls: Any, path: str | os.PathLike[str], what: str) -> Any:
             f"cannot load {what} from {p}: not a directory (local weights only, nothing is downloaded)"
         )
     try:
-        return cls.from_pretrained(str(p), local_files_only=True)
+        return cls.from_pretrained(str(p), local_files_only=True, use_safetensors=True)  # never a pickle
     except Exception as exc:  # transformers raises many types; report one line
         text = str(exc).strip().splitlines()
         raise ValueError(f"cannot load {what} from {p}: {text[0] if text else type(exc).__name__}") from None

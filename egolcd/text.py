@@ -265,7 +265,14 @@ class MiniLMTextEncoder(TextEncoder):
             raise FileNotFoundError(f"no text encoder config.json in {path}")
         self.model_dir = path
         self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        self.model = AutoModel.from_pretrained(str(path), local_files_only=True).to(device).eval()
+        try:  # safetensors only: a pickle .bin can run code when loaded
+            model = AutoModel.from_pretrained(str(path), local_files_only=True, use_safetensors=True)
+        except OSError as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise FileNotFoundError(
+                f"cannot load the text encoder in {path} (egolcd loads safetensors only): {first}"
+            ) from None
+        self.model = model.to(device).eval()
         self.model.requires_grad_(False)
         self.dim = self.pooled_dim = int(self.model.config.hidden_size)
         limit = int(getattr(self.model.config, "max_position_embeddings", pooled_max_length))
@@ -362,7 +369,8 @@ class T5TextEncoder(TextEncoder):
             extra = {"subfolder": subfolder} if subfolder else {}
             self.tokenizer = AutoTokenizer.from_pretrained(tok_loc, local_files_only=local_only, **tok_kw)
             self.model = cls.from_pretrained(
-                model_loc, config=config, local_files_only=local_only, **{dtype_kw: dtype}, **extra
+                model_loc, config=config, local_files_only=local_only, use_safetensors=True,  # never a pickle
+                **{dtype_kw: dtype}, **extra,
             )
         except OSError as e:
             hint = "" if allow_download else " (pass allow_download=True to fetch it from the hub)"

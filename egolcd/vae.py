@@ -169,7 +169,7 @@ class VideoVAE:
             )
         except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
             raise ValueError(f"cannot load AutoencoderKLWan from {folder}: {_one_line(exc)}") from None
-        logger.info("loaded VAE from %s (z_dim=%d)", folder, model.config.z_dim)
+        logger.debug("loaded VAE from %s (z_dim=%d)", folder, model.config.z_dim)  # not a stderr line per run
         return cls(_place(model, dtype, device))
 
     @classmethod
