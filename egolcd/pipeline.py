@@ -119,8 +119,28 @@ class GenerationConfig:
             if not ok:
                 want = "a positive integer" if isinstance(default, int) else type(default).__name__
                 raise ValueError(f"{CONFIG_NAME}: {name} must be {want}, got {value!r}")
-        data["memory"] = MemoryConfig(**data.get("memory", {}))
+        _check_config_values(data)
+        try:
+            data["memory"] = MemoryConfig(**data.get("memory", {}))
+        except TypeError as exc:  # an unknown key in "memory"
+            raise ValueError(f"{CONFIG_NAME}: memory: {exc}") from None
         return cls(**data)
+
+
+def _check_config_values(data: dict[str, Any]) -> None:
+    """Names and sizes in ``egolcd_config.json`` that its types alone do not catch: an unknown preset,
+    sampler or text encoder, and a default size or rate above the documented limits (``egolcd.limits``)."""
+    from .config import PRESETS
+    from .flow import SAMPLERS
+    from .limits import limit, over
+    from .text import TEXT_ENCODERS
+
+    for key, known in (("preset", PRESETS), ("sampler", SAMPLERS), ("text_encoder", TEXT_ENCODERS)):
+        if key in data and data[key] not in known:
+            raise ValueError(f"{CONFIG_NAME}: unknown {key} {data[key]!r}; one of {', '.join(sorted(known))}")
+    for key, name in (("width", "side"), ("height", "side"), ("fps", "fps")):
+        if key in data and data[key] > limit(name):
+            raise ValueError(f"{CONFIG_NAME}: " + over(name, key, data[key]))
 
 
 @dataclass
