@@ -173,6 +173,34 @@ def test_memory_maze_tour_returns_to_a_place() -> None:
     assert any(actions[r.segment].startswith("looks around") and "again" in actions[r.segment] for r in found)
 
 
+def test_memory_maze_revisit_look_replays_the_first_look() -> None:
+    """``replay_revisit_looks``: a revisit's look around has the first look's poses, in the same order."""
+    _require("memory-maze")
+    import numpy as np
+
+    from egolcd.data.sources.memory_maze import MazeMotion, MemoryMazeSource
+
+    def looks(replay: bool) -> list[tuple[np.ndarray, np.ndarray]]:
+        gen = MemoryMazeSource(width=16, height=16, fps=8, motion=MazeMotion(replay_revisit_looks=replay))
+        with gen.episode(episode_rng("memory-maze", 0, 1), 8 * 40) as episode:
+            found = detect_revisits(episode.poses, episode.segments, episode.tolerance, episode.state)
+            spans = {s.id: (s.start, s.end) for s in episode.segments}
+            pairs = []
+            for r in found:
+                (a0, a1), (b0, b1) = spans[r.revisits], spans[r.segment]
+                n = min(a1 - a0, b1 - b0)
+                pairs.append((episode.poses[a0 : a0 + n], episode.poses[b0 : b0 + n]))
+        return pairs
+
+    replayed = looks(True)
+    assert replayed
+    for first, again in replayed:  # same position and heading frame by frame
+        yaw = np.abs((first[:, 3] - again[:, 3] + np.pi) % (2 * np.pi) - np.pi)
+        assert np.abs(first[:, :2] - again[:, :2]).max() < 0.05 and yaw.max() < np.radians(2)
+    free = looks(False)
+    assert any(np.abs((f[:, 3] - a[:, 3] + np.pi) % (2 * np.pi) - np.pi).max() > np.radians(20) for f, a in free)
+
+
 # ------------------------------------------------------------------------------------------ helpers
 def test_detect_revisits_needs_a_return() -> None:
     # stand still facing 0, turn to 90 degrees, walk 5 m away, come back and face 0 again

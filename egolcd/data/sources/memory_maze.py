@@ -75,11 +75,16 @@ class MazeMotion:
         walk_speed: metres per second (a maze cell is 2 m; the env's agent does about 1.5).
         turn_speed: degrees per second (a look around, a full turn, takes 3 s: two 12-frame chunks at 8 fps).
         short_seconds: episodes shorter than this turn left and back instead of touring.
+        replay_revisit_looks: a revisit's look around starts at the heading of the first visit's look and
+            turns the same way, so it replays the first visit's views in the same order (the agent turns to
+            that heading at the end of its walk back). ``False``: a random side from the arrival heading
+            (the tours of the first demo model, commit f58a0e2).
     """
 
     walk_speed: float = 2.0
     turn_speed: float = 120.0
     short_seconds: float = 12.0
+    replay_revisit_looks: bool = True
 
 
 @dataclass
@@ -88,6 +93,8 @@ class _Place:
     label: str  # "the starting spot", "the red ball", "the dead end"
     face: float | None = None  # heading to face on arrival (towards a ball)
     visits: int = 0
+    look_yaw: float | None = None  # heading at the start of the first look around
+    look_side: float | None = None  # +1 left, -1 right: the first look's direction
 
     @property
     def near(self) -> str:
@@ -415,8 +422,11 @@ class MemoryMazeSource:
                 else:
                     turns.append("left" if delta > 0 else "right")
             plan.walk(dx * n, dy * n)
-        if place.face is not None and abs(_wrap(place.face - plan.yaw)) > 1e-6:
-            plan.turn(_wrap(place.face - plan.yaw))
+        face = place.face
+        if place.visits and place.look_yaw is not None and self.motion.replay_revisit_looks:
+            face = place.look_yaw  # the revisit's look replays the first one from its start heading
+        if face is not None and abs(_wrap(face - plan.yaw)) > 1e-6:
+            plan.turn(_wrap(face - plan.yaw))
         arrived = len(plan.states) <= plan.budget
         verb = "walks back" if place.visits else "walks"
         verb = ("turns around and " + verb) if about else verb
@@ -433,7 +443,11 @@ class MemoryMazeSource:
 
     def _look(self, rng: np.random.Generator, plan: _Plan, place: _Place) -> None:
         start = len(plan.states)
-        side = 1.0 if rng.random() < 0.5 else -1.0
+        side = 1.0 if rng.random() < 0.5 else -1.0  # drawn at every look: the random stream stays the same
+        if place.look_side is None:
+            place.look_yaw, place.look_side = plan.yaw, side
+        elif self.motion.replay_revisit_looks:
+            side = place.look_side
         plan.turn(side * 2 * math.pi)
         again = " again" if place.visits > 1 else ""
         circle = "a full circle " if len(plan.states) <= plan.budget else ""
@@ -541,7 +555,8 @@ class MemoryMazeSource:
             if not round_trip:
                 return go
             back = path[::-1]
-            return go + self._walk_cost(plan, _heading(*_step(back)), back, None) + look
+            face_back = plan.turn_frames(math.pi) if self.motion.replay_revisit_looks else 0  # at most a half turn
+            return go + self._walk_cost(plan, _heading(*_step(back)), back, None) + face_back + look
 
         fitting = [c for c in candidates if cost(*c) <= plan.left]
         if fitting:
