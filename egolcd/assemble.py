@@ -169,8 +169,10 @@ def assemble_model_dir(
         raise FileNotFoundError(f"--from-wan: folder not found: {source}")
     if directory.exists() and (not directory.is_dir() or any(directory.iterdir())) and not overwrite:
         raise FileExistsError(f"{directory} exists and is not empty (pass --overwrite to replace it)")
-    if directory.resolve() in (source.resolve(), *source.resolve().parents):
-        raise ValueError(f"the model folder {directory} must not be (inside) the source {source}")
+    out_abs, parts = directory.resolve(), [Path(p).resolve() for p in (source, transformer, vae, text_encoder) if p]
+    for part in parts:  # the output replaces the folder it writes: never one holding (or inside) a source
+        if out_abs == part or out_abs in part.parents or part in out_abs.parents:
+            raise ValueError(f"the model folder {directory} must not hold, or be inside, the source {part}")
     pipeline_root = (source / "transformer" / "config.json").is_file()
 
     # 1. the parts

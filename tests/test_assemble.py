@@ -233,6 +233,12 @@ def test_from_wan_errors_are_one_line(wan_src, tmp_path, capsys):
                  "--overwrite"]) == 0
     assert not (tmp_path / "f" / "keep").exists()
     fails("create-model", str(tmp_path / "g"), "--transformer", str(wan_src), match="applies to --from-wan only")
+    # the output never holds, nor sits inside, a source (--overwrite would delete it)
+    fails("create-model", str(wan_src / "model"), "--from-wan", str(wan_src), "--preset", "wan2.1-1.3b",
+          match="must not hold, or be inside")
+    fails("create-model", str(tmp_path), "--from-wan", str(wan_src), "--transformer", str(tmp_path / "four"),
+          "--preset", "wan2.1-1.3b", "--overwrite", match="must not hold, or be inside")
+    assert (tmp_path / "four" / "config.json").is_file()
 
 
 def test_match_preset_recognises_the_real_sizes():
