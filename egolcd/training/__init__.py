@@ -21,6 +21,17 @@ run gives the same per-step losses and bit-identical weights as an uninterrupted
       rng-00000.safetensors       per process: torch (+cuda) and noise-generator states; python and
                                   numpy states in the metadata
 
+Several processes (DDP): every process draws its own clips (``ResumableSampler`` shards each epoch's
+order), and the noise, timesteps and scored chunks of a micro-batch come from (seed, step, its place in
+the global batch) only, so ``W`` processes with ``grad_accum`` ``G`` take the same steps as one process
+with ``grad_accum`` ``G * W`` (same ``batch_size``, LoRA dropout 0: dropout draws from each process's own
+RNG). On a machine without GPUs, ``ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 -m egolcd train C.yaml``
+starts two gloo processes (``accelerate launch --cpu --num_processes 2`` starts only one: with ``--cpu``
+accelerate needs ``--mpirun_hostfile`` for more). ``--resume`` with another process count works and
+warns: the per-process RNG files are not used (dropout RNG restarts), and the data position is mapped
+onto the new count (``batch_in_epoch * old // new``); change ``grad_accum`` with it to keep the global
+batch. tests/test_distributed_train.py runs all of this for real.
+
 :func:`export_checkpoint` turns a checkpoint into a model folder that ``EgoLCDPipeline.from_pretrained``
 loads (``transformer/`` + ``transformer/lora/`` adapter, or the LoRA merged into the base weights).
 

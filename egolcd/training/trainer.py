@@ -43,6 +43,11 @@ from .monitor import MonitorMixin, _flat
 logger = logging.getLogger(__name__)
 
 
+def _micro_seed(seed: int, step: int, place: int) -> int:
+    """The noise seed of the micro-batch at ``place`` of the global batch of optimizer step ``step``."""
+    return ((seed * 1_000_003 + step) * 65_537 + place) % (2**63)
+
+
 @dataclass
 class TrainResult:
     """What :func:`train` returns. ``history``: one metrics dict per step run in this call."""
@@ -154,7 +159,7 @@ class Trainer(CheckpointMixin, MonitorMixin):
         self.module, self.optimizer = acc.prepare(module, optimizer)
         self.transformer: EgoLCDTransformer3DModel = acc.unwrap_model(self.module).transformer
         self.ema = EMA(self._named_trainable(), cfg.ema.decay) if cfg.ema.enabled else None
-        self.noise = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 7919 * (acc.process_index + 1))
+        self.noise = torch.Generator()  # re-seeded per micro-batch from (seed, step, place): _train_step
         set_seed(cfg.seed, device_specific=True)  # dropout may differ across processes
 
         # 4. Counters, then the checkpoint's state on top
@@ -254,9 +259,13 @@ class Trainer(CheckpointMixin, MonitorMixin):
         policy = cfg.policy_for_step(self.step)
         for micro in range(cfg.grad_accum):
             x0, texts, pooled, segments, revisits = self._prepare_batch(self.data.next())
-            scored = scored_chunks(  # seeded by (seed, step, micro-batch, process): the same after a resume
-                segments, revisits, cfg.loss.scored_chunks,
-                random.Random(f"{cfg.seed}:{self.step}:{micro}:{acc.process_index}"),
+            # The micro-batch's place in the step's global batch (the data position it was drawn from):
+            # its noise, t and scored chunks come from (seed, step, place) alone, so W processes x
+            # grad_accum G draw what one process x grad_accum G*W draws (and a resume what the run drew).
+            place = micro * acc.num_processes + acc.process_index
+            self.noise.manual_seed(_micro_seed(cfg.seed, self.step, place))
+            scored = scored_chunks(
+                segments, revisits, cfg.loss.scored_chunks, random.Random(f"{cfg.seed}:{self.step}:{place}")
             )
             t = sample_training_timesteps(
                 (x0.shape[0], len(texts)),
