@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import json
 import os
 import random
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import TypeAdapter, ValidationError
 
 from ..config import MEMORY_POLICIES, PRESETS, MemoryConfig, get_preset
 from ..lora import LoRAConfig
@@ -137,7 +139,8 @@ class TimestepConfig:
 
 @dataclass
 class TrainConfig:
-    """Everything a training run needs; loaded from YAML by :func:`load_train_config`.
+    """Everything a training run needs; loaded from YAML by :func:`load_train_config` (pydantic checks the
+    types of every section: strict, unknown keys refused).
 
     Args:
         output_dir: checkpoints, logs, samples (and ``init_model/`` when starting from random weights).
@@ -191,6 +194,9 @@ class TrainConfig:
     clip_chunks: int | None = None
     min_revisit_chunks: int = 0
     policy_mix: dict[str, float] | None = None
+
+    # pydantic (see _validate): also applies to the nested sections and the MemoryConfig
+    __pydantic_config__ = {"strict": True, "extra": "forbid"}
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -258,6 +264,7 @@ _FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
 
 def _type_name(tp: Any) -> str:
+    """An annotation as the error messages say it (``int or null``, ``list of 2 float``, ``mapping``)."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_type_name(a) for a in args)
@@ -267,6 +274,8 @@ def _type_name(tp: Any) -> str:
         return f"list of {_type_name(args[0])}"
     if origin is tuple:
         return f"list of {len(args)} {_type_name(args[0])}"
+    if origin is dict:
+        return f"mapping of {_type_name(args[0])} to {_type_name(args[1])}"
     if dataclasses.is_dataclass(tp):
         return "mapping"
     return getattr(tp, "__name__", str(tp))
@@ -276,86 +285,91 @@ def _value_name(value: Any) -> str:
     return {"NoneType": "null", "dict": "mapping"}.get(type(value).__name__, type(value).__name__)
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check ``value`` against the annotation ``tp``; return it (converted where lossless)."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-
-    def fail() -> ValueError:
-        return _bad(f"'{key}' must be {_type_name(tp)}, got {_value_name(value)}")
-
-    if origin in (typing.Union, types.UnionType):
-        if value is None:
-            if type(None) in args:
-                return None
-            raise fail()
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except ValueError as exc:
-                if "must be" not in str(exc) or f"'{key}'" not in str(exc):
-                    raise  # an error deeper inside (nested key), not a type mismatch of this value
-        raise fail()
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise fail()
-        return _build(tp, value, key + ".")
-    if origin is list:
-        if not isinstance(value, list):
-            raise fail()
-        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise fail()
-        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise fail()
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise fail()
-        return value
-    if tp is float:
-        if isinstance(value, str) and _FLOAT_RE.match(value.strip()):
-            return float(value)  # YAML 1.1 reads "1e-4" (no dot) as a string
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise fail()
-        return float(value)
-    if tp is str:
-        if isinstance(value, bool):  # YAML 1.1 reads a bare no/yes/off/on as a boolean
-            raise _bad(f"'{key}' must be str, got bool (quote the value, e.g. \"no\")")
-        if not isinstance(value, str):
-            raise fail()
-        return value
-    return value
+def _annotation_at(loc: tuple[Any, ...]) -> Any:
+    """The annotation of the value at ``loc`` (a pydantic error location) in :class:`TrainConfig`."""
+    tp: Any = TrainConfig
+    for part in loc:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1:
+            tp = args[0]  # X | None: the path goes through X
+        origin, args = typing.get_origin(tp), typing.get_args(tp)
+        if dataclasses.is_dataclass(tp):
+            tp = typing.get_type_hints(tp).get(str(part), Any)
+        elif origin is list or origin is dict:
+            tp = args[-1]
+        elif origin is tuple and isinstance(part, int) and part < len(args):
+            tp = args[part]
+        else:
+            return Any
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1 and dataclasses.is_dataclass(args[0]):
+        return args[0]  # a section that may be null: its keys
+    return tp
 
 
-def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    for key in data:
-        if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=1)
-            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f"; known keys: {', '.join(fields)}"
-            raise _bad(f"unknown key '{prefix}{key}'{hint}")
-    required = [
-        n
-        for n, f in fields.items()
-        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-    ]
-    for name in required:
-        if name not in data:
-            raise _bad(f"missing required key '{prefix}{name}'")
-    kwargs = {k: _coerce(v, hints[k], f"{prefix}{k}") for k, v in data.items()}
-    try:
-        return cls(**kwargs)
-    except ValueError as exc:
-        if str(exc).startswith("train config:"):
-            raise
-        where = prefix.rstrip(".") or cls.__name__
-        raise _bad(f"{where}: {exc}") from None
+def _key(loc: tuple[Any, ...]) -> str:
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+
+
+def _error_line(err: dict[str, Any]) -> ValueError:
+    """One pydantic error as the one-line ``train config: ...`` message that names the key path."""
+    loc, kind, value = tuple(err["loc"]), err["type"], err.get("input")
+    if kind == "value_error":  # raised by a section's __post_init__
+        message = str(err["ctx"]["error"])
+        if message.startswith("train config:"):
+            return ValueError(message)
+        return _bad(f"{_key(loc) or 'TrainConfig'}: {message}")
+    if kind in ("unexpected_keyword_argument", "extra_forbidden"):
+        parent = _annotation_at(loc[:-1])
+        fields = [f.name for f in dataclasses.fields(parent) if f.init] if dataclasses.is_dataclass(parent) else []
+        prefix = _key(loc[:-1]) + "." if loc[:-1] else ""
+        close = difflib.get_close_matches(str(loc[-1]), fields, n=1)
+        hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f"; known keys: {', '.join(fields)}"
+        return _bad(f"unknown key '{_key(loc)}'{hint}")
+    if kind == "missing" and loc and typing.get_origin(_annotation_at(loc[:-1])) is tuple:
+        loc, kind = loc[:-1], "too_short"  # a list one item short of the tuple
+        value = list(err["input"]) if isinstance(err["input"], (list, tuple)) else err["input"]
+    if kind == "missing":
+        return _bad(f"missing required key '{_key(loc)}'")
+    tp = _annotation_at(loc)
+    if tp is str and isinstance(value, bool):  # YAML 1.1 reads a bare no/yes/off/on as a boolean
+        return _bad(f"'{_key(loc)}' must be str, got bool (quote the value, e.g. \"no\")")
+    return _bad(f"'{_key(loc)}' must be {_type_name(tp)}, got {_value_name(value)}")
+
+
+_PRIORITY = {"unexpected_keyword_argument": 0, "extra_forbidden": 0, "missing": 1}
+
+
+@functools.cache
+def _adapter() -> TypeAdapter[TrainConfig]:
+    return TypeAdapter(TrainConfig)
+
+
+def _set(data: Any, loc: tuple[Any, ...], value: Any) -> None:
+    for part in loc[:-1]:
+        data = data[part]
+    data[loc[-1]] = value
+
+
+def _validate(data: dict[str, Any]) -> TrainConfig:
+    """pydantic validation of the parsed YAML, in JSON mode with strict types (an int is not a bool or a
+    float, a str is not a bool; mappings become the dataclasses). A string pydantic rejects as a float is
+    read as one when it is a number: YAML 1.1 reads ``1e-4`` (no dot) as a string."""
+    data = json.loads(json.dumps(data, default=str))
+    while True:
+        try:
+            return _adapter().validate_json(json.dumps(data))
+        except ValidationError as exc:
+            errors = exc.errors(include_url=False)
+        numbers = [
+            e for e in errors
+            if e["type"] == "float_type" and isinstance(e["input"], str) and _FLOAT_RE.match(e["input"].strip())
+        ]
+        if not numbers:
+            first = min(errors, key=lambda e: _PRIORITY.get(e["type"], 2))
+            raise _error_line(first) from None
+        for e in numbers:
+            _set(data, tuple(e["loc"]), float(e["input"]))
 
 
 def train_config_from_dict(data: dict[str, Any]) -> TrainConfig:
@@ -372,7 +386,7 @@ def train_config_from_dict(data: dict[str, Any]) -> TrainConfig:
         if not isinstance(memory, dict):
             raise _bad(f"'memory' must be mapping, got {_value_name(memory)}")
         data["memory"] = {**asdict(get_preset(preset).memory), **memory}
-    return _build(TrainConfig, data)
+    return _validate(data)
 
 
 def load_train_config(path: str | os.PathLike[str]) -> TrainConfig:
