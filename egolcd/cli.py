@@ -3,6 +3,7 @@
     egolcd validate NARRATIVE.yaml
     egolcd generate NARRATIVE.yaml -o out.mp4 [--model DIR] [--memory egolcd|dense|window|sink-window|none]
                     [--steps N] [--guidance G] [--seed S] [--save-state P] [--resume P]
+                    [--from-video CLIP | --from-image PHOTO] [--no-footage-in-output]
     egolcd create-model DIR --preset tiny        # random weights, diffusers layout (tests, training start)
     egolcd create-model DIR --from-wan WAN_DIFFUSERS_DIR [--transformer CONVERTED]   # released weights, linked
     egolcd convert SRC DST [--from auto|wan|self-forcing|causvid|longlive] [--ema] [--lora LORA.pt]
@@ -60,9 +61,10 @@ def _check_size(width: int, height: int, vae_factor: int, patch: int) -> None:
         )
 
 
-def _precheck_model(model_dir: Path, narrative) -> None:
+def _precheck_model(model_dir: Path, narrative, footage: tuple[str, str] | None = None) -> None:
     """Check the narrative against the model's preset (frame limit, size) from its config alone, so these
-    fail before the weights load; a missing or broken folder is left to ``from_pretrained``'s message."""
+    fail before the weights load; a missing or broken folder is left to ``from_pretrained``'s message.
+    ``footage`` (path, ``video``/``image``) is checked from its header at the video's size."""
     import json
 
     from .limits import count_frames
@@ -78,6 +80,36 @@ def _precheck_model(model_dir: Path, narrative) -> None:
         return
     count_frames([s.seconds for s in narrative.segments], fps)
     _check_size(width, height, vae_factor, patch)
+    if footage is not None:
+        from .footage import check_footage
+
+        check_footage(footage[0], footage[1], width, height)
+
+
+def _footage_option(args: argparse.Namespace, narrative, output: Path) -> tuple[str, str] | None:
+    """``(path, kind)`` of --from-video/--from-image, checked against the other options (before any work)."""
+    if args.from_video is not None and args.from_image is not None:
+        raise ValueError("give --from-video or --from-image, not both")
+    footage = (args.from_video, "video") if args.from_video else (args.from_image, "image") if args.from_image else None
+    if footage is None:
+        if args.no_footage_in_output:
+            raise ValueError("--no-footage-in-output needs --from-video or --from-image")
+        if narrative.segments[0].footage and args.resume is None:
+            raise ValueError(
+                f"segment 1 ({narrative.segments[0].id!r}) is footage (footage: true): "
+                "start from a clip or a photo with --from-video or --from-image"
+            )
+        return None
+    if args.resume is not None:
+        raise ValueError("--resume continues a saved run, whose footage is in its state: drop --from-video/--from-image")
+    path = Path(footage[0]).expanduser()
+    if path.exists() and output.exists() and os.path.samefile(path, output) or path.resolve() == output.resolve():
+        raise ValueError(f"--from-{footage[1]} and the output (-o) are the same file ({path}): it would be overwritten")
+    from .footage import check_footage
+
+    if not path.is_file():  # a folder, a missing file: one line now (the size checks come with the model)
+        check_footage(path, footage[1], 64, 64)
+    return footage
 
 
 def _check_output(path: Path) -> None:
@@ -107,13 +139,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.device is not None:
         check_device(args.device)
     narrative = load_narrative(args.narrative)  # fail on a bad narrative before loading any weights
+    footage = _footage_option(args, narrative, output)
     model_dir = Path(args.model) if args.model else _default_model_dir()
     if args.model is None and not (model_dir / "egolcd_config.json").is_file():
         raise FileNotFoundError(
             f"the embedded demo model is missing from {model_dir} (an incomplete install?); "
             "pass --model DIR (e.g. one made by `egolcd create-model DIR --preset tiny`)"
         )
-    _precheck_model(model_dir, narrative)
+    _precheck_model(model_dir, narrative, footage)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype_name = args.dtype if args.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
     pipe = EgoLCDPipeline.from_pretrained(model_dir, device=device, dtype=getattr(torch, dtype_name))
@@ -141,6 +174,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         save_state_every=args.save_state_every,
         resume=args.resume,
         progress=not args.quiet,
+        init_video=footage[0] if footage and footage[1] == "video" else None,
+        init_image=footage[0] if footage and footage[1] == "image" else None,
+        no_footage_in_output=args.no_footage_in_output,
     )
     logger.info("wrote %s: %d frames at %d fps (%d chunks)", result.path, result.num_frames, result.fps, result.num_chunks)
     sys.stdout.write(f"{result.path}\n")
@@ -330,7 +366,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-state", help="save the memory state here (every --save-state-every chunks)")
     p.add_argument("--save-state-every", type=int, default=8)
-    p.add_argument("--resume", help="resume from a saved memory state")
+    p.add_argument("--resume", help="resume from a saved memory state; the narrative may add segments after the "
+                                    "saved run's (extend a finished run: old frames + new ones)")
+    p.add_argument("--from-video", metavar="CLIP",
+                   help="start from this clip: encoded, written into memory, then the narrative continues it "
+                        "(resampled to the model's fps, centre-cropped to its aspect, resized)")
+    p.add_argument("--from-image", metavar="PHOTO", help="start from this photo (a one-chunk still clip)")
+    p.add_argument("--no-footage-in-output", action="store_true",
+                   help="leave the footage's reconstructed frames out of the video")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="transformer and KV-cache precision (auto: bfloat16 on cuda, float32 on cpu)")

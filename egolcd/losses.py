@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from .clean_pass import clean_pass_write
 from .memory import ChunkContext, MemoryChunk, MemoryPolicy
 from .transformer import EgoLCDTransformer3DModel
 
@@ -163,14 +164,10 @@ def teacher_forcing_loss(
                 retrieved = [x0[:, :, s.chunk * k : (s.chunk + 1) * k] for s in ctx.spans if s.kind == "retrieved"]
                 if retrieved:
                     mem_terms.append(anchor_loss(out.sample, eps[:, :, sl], retrieved))
-        # 3. Clean pass (t = 0) writes the chunk into memory, as inference does
-        with torch.no_grad():
-            clean = model.forward_chunk(
-                x0[:, :, sl], torch.zeros_like(ti).expand(-1, k), txt, ctx.layers, ctx.frame_start,
-                return_kv=True, return_attention_mass=policy.needs_attention_mass,
-                attention_mass_stride=policy.config.importance_query_stride,
-            )
-        history.append(policy.write(state, ctx, clean.kv, emb, segments[i], clean.attention_mass))
+        # 3. Clean pass (t = 0) writes the chunk into memory, as inference does (the same function)
+        history.append(clean_pass_write(
+            model, policy, state, ctx, x0[:, :, sl], txt, emb, segments[i], torch.zeros_like(ti).expand(-1, k)
+        ))
     flow = torch.stack(flow_terms).mean()
     memory = torch.stack(mem_terms).mean() if mem_terms else flow.new_zeros(())
     return ClipLoss(flow + weights.memory * memory, flow, memory, preds, contexts, stores)

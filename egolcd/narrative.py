@@ -22,6 +22,18 @@ segment per non-empty line, ``seconds | action`` or just ``action``; ``#`` start
 
 Actions are written in the third person present ("rinses a mug"), since they follow the actor.
 
+A run can start from the user's own footage (``egolcd generate --from-video``/``--from-image``). The first
+segment may describe it, ``footage: true``, so a later segment can ``revisit:`` it; its ``seconds`` is
+optional (all the footage, trimmed to whole chunks)::
+
+    segments:
+      - {id: sink, footage: true, action: rinses a blue mug at the white sink}
+      - {id: stove, seconds: 6, action: turns to the stove}
+      - {id: back, seconds: 6, action: walks back to the sink, revisit: sink}
+
+Without such a segment the footage gets an implicit leading one with the first segment's action
+(:func:`with_footage`).
+
     >>> n = parse_narrative("4 | rinses a mug\\n2 | turns to the stove", "text")
     >>> c = compile_narrative(n, fps=8, chunk_frames=3)
     >>> c.segment_frames, c.num_frames, c.num_latent_frames, c.num_chunks
@@ -53,7 +65,7 @@ DEFAULT_ACTOR = "The camera wearer"
 DEFAULT_VIEW = "the surroundings"
 REVISIT_CLAUSE = "maintaining the same arrangement of items"
 TOP_LEVEL_FIELDS = ("scene", "actor", "style", "fps", "width", "height", "size", "segments")
-SEGMENT_FIELDS = ("id", "seconds", "action", "revisit", "prompt")
+SEGMENT_FIELDS = ("id", "seconds", "action", "revisit", "prompt", "footage")
 _FORMATS = {"yaml": "yaml", "yml": "yaml", "json": "json", "text": "text", "txt": "text"}
 
 
@@ -74,6 +86,10 @@ class Segment:
         action: what the actor does, third person present ("rinses a mug under the tap").
         revisit: id of an earlier segment whose view this segment returns to.
         prompt: explicit prompt used verbatim instead of the compiled one.
+        footage: this (first) segment is the user's own footage (``--from-video``/``--from-image``): its
+            chunks are encoded and written into memory, not generated; ``action`` describes what it shows
+            (the memory key), so a later ``revisit:`` can return to it. ``seconds`` is at most that much
+            of the footage; 0 (or omitted) means all of it. The pipeline sets it to the footage's length.
     """
 
     id: str
@@ -81,6 +97,7 @@ class Segment:
     action: str
     revisit: str | None = None
     prompt: str | None = None
+    footage: bool = False
 
 
 @dataclass
@@ -516,7 +533,12 @@ def _segment(item: Any, index: int) -> Segment:
     sid = f"s{index}" if item.get("id") is None else _ident(item["id"], "id", f"segment {index}")
     where = f"segment {index} ({sid!r})"
     _check_keys(item, SEGMENT_FIELDS, f"in {where}")
-    seconds = item.get("seconds", DEFAULT_SECONDS)
+    footage = item.get("footage", False)
+    if not isinstance(footage, bool):
+        raise NarrativeError(f"{where}: footage must be true or false, got {_describe(footage)}")
+    seconds = item.get("seconds", 0.0 if footage else DEFAULT_SECONDS)
+    if seconds is None and footage:
+        seconds = 0.0
     if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
         raise NarrativeError(f"{where}: seconds must be a number, got {_describe(seconds)}")
     if isinstance(seconds, int) and seconds > limits.limit("seconds"):  # float() of a 400-digit int overflows
@@ -526,7 +548,7 @@ def _segment(item: Any, index: int) -> Segment:
     action = _string(item["action"], "action", where) if item.get("action") is not None else ""
     prompt = _string(item["prompt"], "prompt", where) if item.get("prompt") is not None else None
     revisit = _ident(item["revisit"], "revisit", where) if item.get("revisit") is not None else None
-    return Segment(id=sid, seconds=float(seconds), action=action, revisit=revisit, prompt=prompt)
+    return Segment(id=sid, seconds=float(seconds), action=action, revisit=revisit, prompt=prompt, footage=footage)
 
 
 def validate_narrative(narrative: Narrative) -> None:
@@ -550,8 +572,12 @@ def validate_narrative(narrative: Narrative) -> None:
             raise NarrativeError(f"segment {i + 1}: id must be a non-empty string, got {_describe(seg.id)}")
         if seg.id in index_of:
             raise NarrativeError(f"{where}: duplicate id (segment {index_of[seg.id] + 1} has it too)")
+        if seg.footage and i > 0:
+            raise NarrativeError(f"{where}: only the first segment can be footage (it describes the clip the run starts from)")
         sec = seg.seconds
-        if isinstance(sec, bool) or not isinstance(sec, (int, float)) or not math.isfinite(sec) or sec <= 0:
+        if seg.footage and isinstance(sec, (int, float)) and not isinstance(sec, bool) and sec == 0:
+            pass  # as long as the footage
+        elif isinstance(sec, bool) or not isinstance(sec, (int, float)) or not math.isfinite(sec) or sec <= 0:
             raise NarrativeError(
                 f"{where}: seconds must be > 0, got {sec:g}"
                 if isinstance(sec, (int, float))
@@ -659,6 +685,48 @@ def build_key_texts(narrative: Narrative) -> list[str]:
             key = f"{key}; a return to {clauses[index_of[seg.revisit]] or 'the earlier view'}"
         keys.append(key)
     return keys
+
+
+IMPLICIT_FOOTAGE_ID = "footage"
+
+
+def footage_segment_index(narrative: Narrative) -> int | None:
+    """0 when the narrative's first segment describes footage (``footage: true``), else ``None``."""
+    return 0 if narrative.segments and narrative.segments[0].footage else None
+
+
+def with_footage(narrative: Narrative, frames: int, fps: int) -> Narrative:
+    """The narrative whose first segment is ``frames`` pixel frames of footage (a copy; the input is
+    untouched): its ``footage: true`` segment with ``seconds = frames / fps``, or, without one, an implicit
+    leading segment (id ``footage``, or ``_footage`` when that id is taken) with the first segment's action
+    and prompt, so the footage's memory key is the first segment's."""
+    from dataclasses import replace
+
+    seconds = frames / fps
+    segments = list(narrative.segments)
+    if segments[0].footage:
+        segments[0] = replace(segments[0], seconds=seconds)
+    else:
+        first = segments[0]
+        sid = IMPLICIT_FOOTAGE_ID if all(s.id != IMPLICIT_FOOTAGE_ID for s in segments) else f"_{IMPLICIT_FOOTAGE_ID}"
+        segments.insert(0, Segment(id=sid, seconds=seconds, action=first.action, prompt=first.prompt, footage=True))
+    return replace(narrative, segments=segments)
+
+
+def segment_fingerprints(narrative: Narrative, compiled: CompiledNarrative) -> list[str]:
+    """One short hash per segment of what makes its chunks what they are: its fields (id, frames, action,
+    revisit, prompt, footage), its position, and the narrative's global fields (scene, actor, style, fps).
+    Not the number of segments: appending segments leaves the earlier fingerprints unchanged, which is how
+    ``--resume`` recognises an extended narrative."""
+    import hashlib
+
+    common = [narrative.scene, narrative.actor, narrative.style, compiled.fps]
+    out = []
+    for j, seg in enumerate(narrative.segments):
+        fields = [j, seg.id, compiled.segment_frames[j], seg.action, seg.revisit, seg.prompt, seg.footage]
+        text = json.dumps([common, fields], sort_keys=True)
+        out.append(hashlib.sha256(text.encode()).hexdigest()[:16])
+    return out
 
 
 def _pixel_span(latent: int, vae_temporal: int) -> tuple[int, int]:

@@ -30,6 +30,7 @@ from .views import (
     context_summary,
     detect_format,
     error_line,
+    footage_kind,
     format_for_path,
     frames_for_chunk,
     inspector_rows,
@@ -49,7 +50,7 @@ from .views import (
 __all__ = [
     "EDITOR_FORMATS", "EDITOR_SOURCE", "INSPECTOR_HEADERS", "INSTALL_HINT", "GenerationCancelled", "JobSpec",
     "RunRecord", "Studio", "StudioConfig", "StudioSession", "build_app", "context_summary", "detect_format",
-    "drain", "error_line", "format_for_path", "frames_for_chunk", "import_gradio", "inspector_rows",
+    "drain", "error_line", "footage_kind", "format_for_path", "frames_for_chunk", "import_gradio", "inspector_rows",
     "launch_kwargs", "launch_studio", "list_examples", "load_pipeline", "memory_timeline_plot", "message_html",
     "middle_frame", "parse_editor", "progress_html", "revisit_frames", "run_jobs", "save_preview_gif",
     "segment_label", "to_preview_frames", "validate_text",

@@ -24,12 +24,14 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 
 from .session import JobSpec, StudioConfig, StudioSession, drain, load_pipeline, run_jobs
 from .views import (
+    IMAGE_SUFFIXES,
     INSPECTOR_HEADERS,
     UPDATE_INTERVAL,
     WAITING,
     RunRecord,
     context_summary,
     error_line,
+    footage_kind,
     format_for_path,
     frames_for_chunk,
     inspector_rows,
@@ -139,7 +141,7 @@ class Studio:
 
     def _start(
         self, session: StudioSession, text: str, fmt: str, policies: Sequence[str], steps: Any, seed: Any,
-        max_chunks: Any, stem: str,
+        max_chunks: Any, stem: str, footage: Any = None, no_footage: bool = False,
     ) -> tuple[list[RunRecord], queue.Queue]:
         narrative, compiled = parse_editor(text, self.pipeline, fmt)
         steps = _whole(steps, "steps") if steps not in (None, "", 0) else self.pipeline.config.steps
@@ -147,19 +149,60 @@ class Studio:
         check_generation_options(steps, None, seed)
         max_chunks = _whole(max_chunks, "chunk limit") if max_chunks not in (None, "") else 0
         limit = max_chunks if max_chunks > 0 else None
+        start: dict[str, Any] = {}
+        frames = 0
+        if footage:  # an uploaded clip or photo: the run's first segment (``footage: true`` or implicit)
+            start = {f"init_{footage_kind(footage)}": Path(footage), "no_footage_in_output": bool(no_footage)}
+            narrative = self.pipeline.footage_narrative(narrative, start.get("init_video"), start.get("init_image"))
+            _, compiled = self.pipeline.compile(narrative)
+            frames = compiled.segment_frames[0]
+        elif narrative.segments[0].footage:
+            raise ValueError(
+                f"segment 1 ({narrative.segments[0].id!r}) is footage (footage: true): upload a clip or a photo"
+            )
         total = compiled.num_chunks if limit is None else min(limit, compiled.num_chunks)
-        jobs = [JobSpec(narrative, session.next_output(stem, p, seed), p, steps, seed, limit) for p in policies]
-        runs = [RunRecord(policy=p, compiled=compiled, total_chunks=total, steps=steps, seed=seed) for p in policies]
+        jobs, runs = [], []
+        for p in policies:
+            out = session.next_output(stem, p, seed)
+            state = out.with_name(out.stem + ".state.safetensors")
+            jobs.append(JobSpec(narrative, out, p, steps, seed, limit, save_state=state, **start))
+            runs.append(RunRecord(policy=p, compiled=compiled, total_chunks=total, steps=steps, seed=seed,
+                                  state=state, footage_frames=frames))
+        return runs, self._launch(session, jobs, runs)
+
+    def _continue(self, session: StudioSession, text: str, fmt: str) -> tuple[list[RunRecord], queue.Queue]:
+        """Extend the session's last finished run with the editor's narrative (its segments + new ones)."""
+        last = session.run
+        if last is None or last.status != "done" or last.state is None or not Path(last.state).is_file():
+            raise ValueError("nothing to continue: generate a run first (Continue extends the last finished run)")
+        narrative, compiled = parse_editor(text, self.pipeline, fmt)
+        if last.footage_frames:
+            from ..narrative import with_footage
+
+            fps = narrative.fps or self.pipeline.config.fps
+            _, compiled = self.pipeline.compile(with_footage(narrative, last.footage_frames, fps))
+        if compiled.num_chunks <= len(last.reports):
+            raise ValueError("nothing to continue: add segments after the run's last one in the editor")
+        out = session.next_output(Path(last.video).stem.split("-", 1)[-1] + "-continued", last.policy, last.seed)
+        state = out.with_name(out.stem + ".state.safetensors")
+        job = JobSpec(narrative, out, last.policy, last.steps, last.seed, save_state=state, resume=Path(last.state))
+        run = RunRecord(policy=last.policy, compiled=compiled, total_chunks=compiled.num_chunks, steps=last.steps,
+                        seed=last.seed, reports=list(last.reports), frames=list(last.frames),
+                        previews=list(last.previews), state=state, footage_frames=last.footage_frames)
+        return [run], self._launch(session, [job], [run])
+
+    def _launch(self, session: StudioSession, jobs: list[JobSpec], runs: list[RunRecord]) -> queue.Queue:
         events: queue.Queue = queue.Queue()
         session.cancel = threading.Event()  # a fresh flag per run: a stopping old worker keeps its own
-        logger.info("session %s: %s, %d chunks, %d steps, seed %d -> %s", session.id, " vs ".join(policies),
-                    total, steps, seed, session.folder)
+        logger.info("session %s: %s, %d chunks, %d steps, seed %d -> %s", session.id,
+                    " vs ".join(r.policy for r in runs), runs[0].total_chunks, runs[0].steps, runs[0].seed,
+                    session.folder)
         worker = threading.Thread(
             target=run_jobs, args=(self.pipeline, self.lock, jobs, session.cancel, events),
             name=f"egolcd-studio-{session.id}", daemon=True,
         )
         worker.start()
-        return runs, events
+        return events
 
     def _events(
         self, session: StudioSession, runs: list[RunRecord], events: queue.Queue
@@ -222,10 +265,22 @@ class Studio:
 
     def generate(
         self, session: StudioSession, text: str, fmt: str, policy: str, steps: Any, seed: Any,
-        max_chunks: Any = 0, example: str | None = None,
+        max_chunks: Any = 0, example: str | None = None, footage: Any = None, no_footage: bool = False,
     ) -> Iterator[tuple[Any, ...]]:
         """The Generate button: stream ``(message, progress, previews, video, chunk slider, inspector rows,
-        window summary, timeline)`` as chunks finish."""
+        window summary, timeline)`` as chunks finish. ``footage``: an uploaded clip or photo to start from
+        (``no_footage``: leave its frames out of the video)."""
+        stem = Path(example).stem if example else "narrative"
+        yield from self._run_updates(session, text, fmt, lambda: self._start(
+            session, text, fmt, [policy], steps, seed, max_chunks, stem, footage, no_footage))
+
+    def continue_run(self, session: StudioSession, text: str, fmt: str) -> Iterator[tuple[Any, ...]]:
+        """The "Continue this run" button: resume the tab's last finished run with the editor's narrative,
+        which keeps that run's segments and adds new ones after them; the new video holds the old frames and
+        the new ones (same policy, steps and seed). Streams as Generate does."""
+        yield from self._run_updates(session, text, fmt, lambda: self._continue(session, text, fmt))
+
+    def _run_updates(self, session: StudioSession, text: str, fmt: str, start: Any) -> Iterator[tuple[Any, ...]]:
         gr = import_gradio()
         no_change = gr.skip()
         if not self._claim(session):
@@ -236,9 +291,7 @@ class Studio:
         try:
             try:
                 ok_line = message_html(True, validate_text(text, self.pipeline, fmt)[1])
-                runs, events = self._start(
-                    session, text, fmt, [policy], steps, seed, max_chunks, Path(example).stem if example else "narrative"
-                )
+                runs, events = start()
             except START_ERRORS as exc:
                 yield (message_html(False, error_line(exc)), progress_html(0, 1, "not started (see the message under the editor)"),
                        *([no_change] * 7))
@@ -276,7 +329,7 @@ class Studio:
 
     def compare(
         self, session: StudioSession, text: str, fmt: str, policy_a: str, policy_b: str, steps: Any, seed: Any,
-        max_chunks: Any = 0, example: str | None = None,
+        max_chunks: Any = 0, example: str | None = None, footage: Any = None, no_footage: bool = False,
     ) -> Iterator[tuple[Any, ...]]:
         """Side by side: the same narrative and seed under two policies; streams ``(message, progress,
         video A, video B, revisit frames)``."""
@@ -291,7 +344,7 @@ class Studio:
                 ok_line = message_html(True, validate_text(text, self.pipeline, fmt)[1])
                 runs, events = self._start(
                     session, text, fmt, [policy_a, policy_b], steps, seed, max_chunks,
-                    Path(example).stem if example else "narrative",
+                    Path(example).stem if example else "narrative", footage, no_footage,
                 )
             except START_ERRORS as exc:
                 yield (message_html(False, error_line(exc)), progress_html(0, 1, "not started (see the message under the editor)"),
@@ -402,6 +455,11 @@ def build_app(studio: Studio) -> Any:
                                          elem_id="memory-policy")
                     steps = gr.Slider(1, 50, value=cfg.steps, step=1, label="Steps", elem_id="steps")
                 with gr.Row():
+                    footage = gr.File(label="Start from a clip or photo (optional)", type="filepath",
+                                      file_types=["video", *IMAGE_SUFFIXES], elem_id="footage-file")
+                    no_footage = gr.Checkbox(False, label="Leave the footage out of the video",
+                                             elem_id="no-footage")
+                with gr.Row():
                     seed = gr.Number(value=0, precision=0, label="Seed", elem_id="seed")
                     max_chunks = gr.Number(value=0, precision=0, minimum=0, label="Max chunks (0 = all)",
                                            elem_id="max-chunks")
@@ -411,6 +469,7 @@ def build_app(studio: Studio) -> Any:
                         with gr.Row():
                             generate_btn = gr.Button("Generate", variant="primary", elem_id="generate-btn")
                             cancel_btn = gr.Button("Cancel", variant="stop", elem_id="cancel-btn")
+                            continue_btn = gr.Button("Continue this run", elem_id="continue-btn")
                         progress = gr.HTML(progress_html(0, 1, "idle"), elem_id="progress")
                         previews = gr.Gallery(label="Chunks as they finish", columns=6, height=220,
                                               elem_id="chunk-previews", allow_preview=True)
@@ -461,12 +520,19 @@ def build_app(studio: Studio) -> Any:
         # update ("cancelled after ...") and the end of its event, so Generate right after Cancel did nothing.
         # A click during a run is answered by _claim ("already running in this tab") instead.
         generate_btn.click(
-            studio.generate, [session, editor, fmt, policy, steps, seed, max_chunks, example],
+            studio.generate, [session, editor, fmt, policy, steps, seed, max_chunks, example, footage, no_footage],
+            [validation, progress, previews, video, chunk, table, summary, timeline, entry],
+            concurrency_limit=8, show_progress="hidden", trigger_mode="multiple",
+        )
+        # "Continue this run": the editor keeps the run's segments and adds new ones after them
+        continue_btn.click(
+            studio.continue_run, [session, editor, fmt],
             [validation, progress, previews, video, chunk, table, summary, timeline, entry],
             concurrency_limit=8, show_progress="hidden", trigger_mode="multiple",
         )
         compare_btn.click(
-            studio.compare, [session, editor, fmt, policy_a, policy_b, steps, seed, max_chunks, example],
+            studio.compare, [session, editor, fmt, policy_a, policy_b, steps, seed, max_chunks, example, footage,
+                             no_footage],
             [validation, compare_progress, video_a, video_b, revisits],
             concurrency_limit=8, show_progress="hidden", trigger_mode="multiple",
         )

@@ -99,6 +99,11 @@ class JobSpec:
     steps: int
     seed: int
     max_chunks: int | None = None
+    init_video: Path | None = None
+    init_image: Path | None = None
+    no_footage_in_output: bool = False
+    save_state: Path | None = None
+    resume: Path | None = None
 
 
 def run_jobs(
@@ -134,7 +139,9 @@ def run_jobs(
 
                 result = pipeline(
                     job.narrative, job.output, memory=job.policy, steps=job.steps, seed=job.seed,
-                    max_chunks=job.max_chunks, progress=False, callback=callback,
+                    max_chunks=job.max_chunks, progress=False, callback=callback, init_video=job.init_video,
+                    init_image=job.init_image, no_footage_in_output=job.no_footage_in_output,
+                    save_state=job.save_state, save_state_every=1_000_000, resume=job.resume,
                 )
                 events.put(("done", index, result))
         finally:

@@ -255,6 +255,8 @@ class RunRecord:
         status: ``running``, ``done``, ``cancelled`` or ``failed``; message: its one line.
         previews: ``(GIF path, chunk)`` of every chunk with frames (the streaming preview).
         key: names the run's preview files.
+        state: the memory state saved at the end ("Continue this run" resumes from it).
+        footage_frames: pixel frames of the footage the run started from (0: none).
     """
 
     policy: str
@@ -269,16 +271,30 @@ class RunRecord:
     message: str = ""
     previews: list[tuple[Path, int]] = field(default_factory=list)
     key: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
+    state: Path | None = None
+    footage_frames: int = 0
 
     @property
     def frames_so_far(self) -> int:
         return sum(len(f) for f in self.frames)
 
     def add_chunk(self, report: ChunkReport, frames: np.ndarray) -> None:
-        """Record a finished chunk; frames past the narrative's length (the last chunk's padding) are cut."""
+        """Record a finished chunk; frames past the narrative's length (the last chunk's padding) are cut.
+        A chunk made again (a continued run regenerates from there) replaces it and the chunks after it."""
+        if report.chunk < len(self.reports):
+            del self.reports[report.chunk :], self.frames[report.chunk :]
         keep = max(0, self.compiled.num_frames - self.frames_so_far)
         self.reports.append(report)
         self.frames.append(frames[:keep])
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def footage_kind(path: str | Path) -> str:
+    """``image`` for a photo (by its suffix: png, jpg, jpeg, webp, bmp), else ``video``: how an uploaded
+    start is passed to the pipeline (``init_image=`` or ``init_video=``)."""
+    return "image" if Path(path).suffix.lower() in IMAGE_SUFFIXES else "video"
 
 
 def frames_for_chunk(run: RunRecord | StudioSession | None, chunk: int) -> list[np.ndarray]:
