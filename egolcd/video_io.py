@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
@@ -107,6 +108,12 @@ def check_writable_dir(directory: Path) -> None:
         raise NotADirectoryError(f"cannot write to {directory}: not a directory")
     if not os.access(directory, os.W_OK | os.X_OK):
         raise PermissionError(f"cannot write to {directory}: permission denied")
+    try:  # access() trusts the mode bits (root passes them all): a read-only mount or /proc fails only here
+        fd, probe = tempfile.mkstemp(prefix=".egolcd-probe-", dir=directory)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise PermissionError(f"cannot write to {directory}: {exc.strerror or _one_line(exc)}") from None
 
 
 def _remove_stale_partials(path: Path) -> None:

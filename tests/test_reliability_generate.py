@@ -217,3 +217,48 @@ def test_stale_partial_files_are_removed(tmp_path):
     _encode(tmp_path / "v.mp4", frames)
     assert not dead.exists() and (tmp_path / "v.mp4").is_file()
     assert not list(tmp_path.glob(".*partial*"))
+
+
+def test_cli_runs_and_a_killed_then_resumed_run_give_the_same_bytes(model_dir, tmp_path):
+    """Item 5 as a user runs it: separate processes, one of them killed with SIGKILL after its first
+    periodic state save and resumed with --resume. Same bytes, hence the same decoded frames; the dead
+    run's hidden partial file is removed by the resumed run."""
+    import os
+    import signal
+    import time
+
+    from egolcd.video_io import read_video
+
+    base = [sys.executable, "-m", "egolcd", "generate", str(NARRATIVE), "--model", str(model_dir), "--steps", "1",
+            "--seed", "5", "-q"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for name in ("a.mp4", "b.mp4"):
+        subprocess.run([*base, "-o", str(tmp_path / name)], check=True, capture_output=True, env=env, timeout=600)
+    state = tmp_path / "s.safetensors"
+    proc = subprocess.Popen([*base, "-o", str(tmp_path / "c.mp4"), "--save-state", str(state),
+                             "--save-state-every", "1"], env=env, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    killed = proc.poll() is None  # (a very fast machine may finish first: then it resumes a finished run)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    if killed:
+        assert not (tmp_path / "c.mp4").exists()  # killed before the end: nothing published
+    subprocess.run([*base, "-o", str(tmp_path / "c.mp4"), "--resume", str(state), "--save-state", str(state)],
+                   check=True, capture_output=True, env=env, timeout=600)
+    assert _md5(tmp_path / "a.mp4") == _md5(tmp_path / "b.mp4") == _md5(tmp_path / "c.mp4")
+    assert np.array_equal(read_video(tmp_path / "a.mp4")[0], read_video(tmp_path / "c.mp4")[0])
+    assert not list(tmp_path.glob(".*partial*"))
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc")
+def test_state_path_in_an_unwritable_folder_that_access_allows_is_refused_up_front(tmp_path, capsys):
+    """/proc passes os.access(W_OK) for root; only a real write shows it is not writable. Refused before any
+    work, not at the end of the run."""
+    video = tmp_path / "v.mp4"
+    assert main(["generate", str(NARRATIVE), "-o", str(video), "--save-state", "/proc/egolcd-state.safetensors",
+                 "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("egolcd: error:") == 1 and "--save-state: cannot write to /proc" in err
+    assert not video.exists()
