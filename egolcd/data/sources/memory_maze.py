@@ -28,7 +28,8 @@ import numpy as np
 
 os.environ.setdefault("MUJOCO_GL", "osmesa")  # before dm_control is imported; headless CPU rendering
 
-from . import Episode, EpisodeSegment, MissingDependencyError, RevisitTolerance
+from ...errors import MissingDependencyError
+from .episodes import Episode, EpisodeSegment, RevisitTolerance
 
 try:
     with contextlib.redirect_stderr(io.StringIO()):  # gym prints a deprecation notice on import

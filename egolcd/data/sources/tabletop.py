@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import Episode, EpisodeSegment, RevisitTolerance, frame_bounds
+from .episodes import Episode, EpisodeSegment, RevisitTolerance, frame_bounds
 
 
 @contextlib.contextmanager
