@@ -144,6 +144,30 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, out: Tensor | None = None) -
     return out
 
 
+def rope_freqs(cos: Tensor, sin: Tensor) -> Tensor:
+    """The rotary of ``rope_cos_sin`` as complex factors ``(B, T, 1, head_dim / 2)`` for ``apply_rope_complex``."""
+    return torch.complex(cos[..., 0::2].contiguous(), sin[..., 1::2].contiguous())
+
+
+def apply_rope_complex(x: Tensor, freqs: Tensor, out: Tensor | None = None) -> Tensor:
+    """``apply_rope`` as one complex multiply (one kernel instead of four multiplies, two adds and two
+    strided copies): consecutive pairs of ``x`` are complex numbers rotated by ``freqs`` (``rope_freqs``).
+    Same values as ``apply_rope`` within float rounding (tested). float32/float64 ``x`` only (there is no
+    complex bfloat16); ``out`` may be ``x`` itself or a slice of a preallocated buffer."""
+    xc = torch.view_as_complex(x.unflatten(-1, (-1, 2)))
+    if out is None:
+        return torch.view_as_real(xc * freqs).flatten(-2)
+    torch.mul(xc, freqs, out=torch.view_as_complex(out.unflatten(-1, (-1, 2))))
+    return out
+
+
+def rope_in_place_ok(x: Tensor) -> bool:
+    """Whether ``apply_rope_complex`` can take ``x`` (float32/64, pairs contiguous, even offsets)."""
+    return x.dtype in (torch.float32, torch.float64) and x.stride(-1) == 1 and x.storage_offset() % 2 == 0 and all(
+        s % 2 == 0 for s in x.stride()[:-1]
+    )
+
+
 def grid_positions(
     batch: int, frames: int, height: int, width: int, frame_start: int = 0, device: torch.device | None = None
 ) -> Tensor:
@@ -200,3 +224,54 @@ def attention_mass(q: Tensor, k: Tensor, num_context: int, query_block: int | No
         probs = torch.softmax(qb @ kt.transpose(-1, -2) * scale, dim=-1)  # (B, h, bq, Tk)
         total += probs[..., :num_context].sum(dim=(1, 2))
     return total / (h * tq)
+
+
+_flash_cpu = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def attention_and_mass(
+    q: Tensor, k: Tensor, v: Tensor, num_context: int, stride: int = 1, query_block: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """The attention output and ``attention_mass`` from one attention (inference; no mask, no gradient).
+
+    The attention kernel returns each query's log-sum-exp ``lse`` of its scaled scores with the output
+    (PyTorch's CPU flash kernel; elsewhere ``lse`` is computed blocked, no softmax kept). The mass of a
+    context key ``j`` is then ``mean over heads and queries of exp(q . k_j * scale - lse)``: one blocked
+    matmul over the *context* keys only, no softmax over all keys materialised. It is the same quantity
+    as ``attention_mass`` (METHOD.md, "Importance"), within float rounding (tested).
+
+    Args:
+        q: ``(B, Tq, h, d)``; k, v: ``(B, Tk, h, d)`` rotary-encoded. num_context: leading context keys.
+        stride: average over every ``stride``-th query only (``importance_query_stride``).
+        query_block: queries per block of the mass reduction (default: blocks of at most 2**26 values).
+
+    Returns:
+        ``((B, Tq, h, d) output, (B, num_context) float32 mass)``.
+    """
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, h, T, d)
+    b, h, tq, d = qt.shape
+    scale = 1.0 / math.sqrt(d)
+    if _flash_cpu is not None and q.device.type == "cpu":
+        out, lse = _flash_cpu(qt, kt, vt)
+    else:
+        out = F.scaled_dot_product_attention(qt, kt, vt)
+        lse = None
+    q_s = qt[:, :, ::stride].float()  # (B, h, tq_s, d)
+    tq_s = q_s.shape[2]
+    if num_context == 0:
+        return out.transpose(1, 2), q.new_zeros((b, 0), dtype=torch.float32)
+    query_block = query_block or max(16, (1 << 26) // (b * h * kt.shape[2]))
+    k_all = kt.float()
+    k_ctx_t = k_all[:, :, :num_context].transpose(-1, -2)  # (B, h, d, T_ctx)
+    total = q.new_zeros((b, num_context), dtype=torch.float32)
+    for start in range(0, tq_s, query_block):
+        qb = q_s[:, :, start : start + query_block] * scale  # (B, h, bq, d)
+        if lse is None:
+            lse_b = torch.logsumexp(qb @ k_all.transpose(-1, -2), dim=-1)  # (B, h, bq)
+        else:
+            lse_b = lse[:, :, ::stride][:, :, start : start + query_block].float()
+        scores = torch.baddbmm(
+            -lse_b.reshape(b * h, -1, 1), qb.reshape(b * h, -1, d), k_ctx_t.reshape(b * h, d, num_context)
+        )  # q . k * scale - lse, (B*h, bq, T_ctx)
+        total += scores.exp_().view(b, h, -1, num_context).sum(dim=(1, 2))
+    return out.transpose(1, 2), total / (h * tq_s)

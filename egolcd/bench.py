@@ -49,7 +49,9 @@ class BenchConfig:
     work) and keep each chunk's fastest time, so a load burst on a shared machine does not pass for
     growth with length; importance_stride: ``MemoryConfig.importance_query_stride``;
     arena: preallocated context buffers (``False``: concatenate new tensors every step, the training
-    path; for side-by-side comparison)."""
+    path; for side-by-side comparison); fast_path: the transformer's inference fast path (per-prompt
+    cross-attention cache, fused elementwise kernels, one-pass importance, arena reuse; ``False``: the
+    plain path, for side-by-side comparison)."""
 
     preset: str = "tiny"
     chunks: int = 64
@@ -68,6 +70,7 @@ class BenchConfig:
     arena: bool = True
     importance_stride: int = 1
     repeats: int = 1
+    fast_path: bool = True
 
 
 def _sync(device: str) -> None:
@@ -76,14 +79,17 @@ def _sync(device: str) -> None:
 
 
 def forward_flops(
-    cfg: Any, tokens: int, context: int, text_tokens: int, attention_mass: bool = False, mass_stride: int = 1
+    cfg: Any, tokens: int, context: int, text_tokens: int, attention_mass: bool = False, mass_stride: int = 1,
+    prompt_cached: bool = False,
 ) -> int:
     """Matmul FLOPs (2 per multiply-add) of one ``forward_chunk`` of the transformer.
 
     Args:
         cfg: the transformer config (Wan keys). tokens: current-chunk tokens N. context: memory tokens
             per layer. text_tokens: prompt tokens L. attention_mass: also count the importance pass (over
-            every ``mass_stride``-th query).
+            every ``mass_stride``-th query; q @ k^T over the context keys only, the inference fast path's
+            ``attention_and_mass``). prompt_cached: the text projection and cross-attention keys/values
+            come from a ``PromptCache`` (made once per segment, not counted per forward).
     """
     d = cfg.num_attention_heads * cfg.attention_head_dim
     n, t, length = tokens, context + tokens, text_tokens
@@ -92,24 +98,25 @@ def forward_flops(
         4 * 2 * n * d * d  # self-attention q, k, v, out projections
         + 2 * 2 * n * t * d  # q @ k^T and probs @ v over [context + current]
         + 2 * 2 * n * d * d  # cross-attention q, out
-        + 2 * 2 * length * d * d  # cross-attention k, v over the text
+        + (0 if prompt_cached else 2 * 2 * length * d * d)  # cross-attention k, v over the text
         + 2 * 2 * n * d * cfg.ffn_dim  # feed-forward
-        + (2 * -(-n // mass_stride) * t * d if attention_mass else 0)  # importance: q @ k^T once more
+        + (2 * -(-n // mass_stride) * context * d if attention_mass else 0)  # importance: q @ k_ctx^T
     )
     embed = (
         2 * n * cfg.in_channels * patch * d  # patch embedding
-        + 2 * length * (cfg.text_dim * d + d * d)  # text projection (2 linears)
+        + (0 if prompt_cached else 2 * length * (cfg.text_dim * d + d * d))  # text projection (2 linears)
         + 2 * n * d * cfg.out_channels * patch  # output projection
     )
     return cfg.num_layers * per_layer + embed
 
 
 def chunk_flops(
-    cfg: Any, tokens: int, context: int, text_tokens: int, steps: int, attention_mass: bool, mass_stride: int = 1
+    cfg: Any, tokens: int, context: int, text_tokens: int, steps: int, attention_mass: bool, mass_stride: int = 1,
+    prompt_cached: bool = False,
 ) -> int:
     """FLOPs of one chunk: ``steps`` denoising forwards and the clean (memory-write) pass."""
-    denoise = steps * forward_flops(cfg, tokens, context, text_tokens)
-    return denoise + forward_flops(cfg, tokens, context, text_tokens, attention_mass, mass_stride)
+    denoise = steps * forward_flops(cfg, tokens, context, text_tokens, prompt_cached=prompt_cached)
+    return denoise + forward_flops(cfg, tokens, context, text_tokens, attention_mass, mass_stride, prompt_cached)
 
 
 def measure_matmul_peak(device: str, dtype: torch.dtype, size: int | None = None, reps: int = 10) -> float:
@@ -158,6 +165,7 @@ def run_policy(config: BenchConfig, policy_name: str) -> dict[str, Any]:
     device, dtype = config.device, getattr(torch, config.dtype)
     torch.manual_seed(config.seed)
     model = EgoLCDTransformer3DModel.from_preset(config.preset).to(device=device).eval()
+    model.fast_path = config.fast_path
     if dtype != torch.float32:
         model = model.to_dtype(dtype)
     if config.compile:
@@ -180,10 +188,11 @@ def run_policy(config: BenchConfig, policy_name: str) -> dict[str, Any]:
         tokens and memory bytes."""
         policy = MemoryPolicy.from_name(policy_name, k, memory)
         state = policy.init_state()
-        arena = ContextArena(reserve=n_tokens) if config.arena else None
+        arena = ContextArena(reserve=n_tokens, reuse=config.fast_path) if config.arena else None
         g = torch.Generator().manual_seed(config.seed)
         texts = torch.randn(config.segments, 1, config.text_tokens, model.config.text_dim, generator=g)
         texts = texts.to(device, dtype)
+        prompts: dict[int, Any] = {}  # per segment, made at the segment's first chunk (as the pipeline does)
         keys = torch.nn.functional.normalize(torch.randn(config.segments, 1, 64, generator=g), dim=-1).to(device)
         seconds, tokens, mem_bytes = [], [], []
         for c in range(config.chunks):
@@ -191,8 +200,10 @@ def run_policy(config: BenchConfig, policy_name: str) -> dict[str, Any]:
             noise = torch.randn((1, preset.latent_channels, k, *latent_hw), generator=g).to(device, dtype)
             _sync(device)
             t0 = time.perf_counter()
+            if seg not in prompts:
+                prompts[seg] = model.prompt_cache(texts[seg]) if config.fast_path else texts[seg]
             _, ctx = generate_chunk(
-                model, policy, state, noise, texts[seg], keys[seg], seg, [], sigmas, sample, arena=arena
+                model, policy, state, noise, prompts[seg], keys[seg], seg, [], sigmas, sample, arena=arena
             )
             _sync(device)
             seconds.append(time.perf_counter() - t0)
@@ -215,7 +226,7 @@ def run_policy(config: BenchConfig, policy_name: str) -> dict[str, Any]:
     steady = statistics.median(seconds[-8:])
     flops = chunk_flops(
         model.config, n_tokens, tokens[-1], config.text_tokens, config.steps, policy.needs_attention_mass,
-        policy.config.importance_query_stride,
+        policy.config.importance_query_stride, prompt_cached=config.fast_path,
     )
     return {
         "chunk_seconds": seconds, "context_tokens": tokens, "memory_bytes": mem_bytes, "peak_mb": peak_mb,

@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from .attention import LayerKV, apply_rope, rope_cos_sin
+from .attention import LayerKV, apply_rope, apply_rope_complex, rope_cos_sin, rope_freqs, rope_in_place_ok
 from .config import MemoryConfig
 
 STATE_FORMAT = "egolcd-memory-state/1"
@@ -263,18 +263,27 @@ class ContextArena:
     first chunks, so the chunk loop allocates nothing for attention context. Buffers grow (x1.5) when a
     context plus ``reserve`` current tokens does not fit (``dense`` grows with the video).
 
+    A part that sits where it sat in the previous fill of the layer (the same memory tensors at the same
+    frame offset and token range, inside the previous context, so no current-chunk write touched it) is
+    not copied or rotated again: the sink, retrieved entries kept in their slot, and with ``dense`` every
+    chunk but the newest. ``reuse=False`` copies everything (the plain path, for equality tests).
+
     Args:
         reserve: tokens kept free after the context (the current chunk's tokens per layer).
+        reuse: skip re-copying unchanged leading parts.
     """
 
-    def __init__(self, reserve: int, growth: float = 1.5) -> None:
+    def __init__(self, reserve: int, growth: float = 1.5, reuse: bool = True) -> None:
         self.reserve = reserve
         self.growth = growth
+        self.reuse = reuse
         self.capacity = 0
         self.reallocations = 0
+        self.reused_tokens = 0  # tokens not copied again, all layers, since creation (a statistic)
         self.key: list[Tensor] = []
         self.value: list[Tensor] = []
         self.pos: list[Tensor] = []
+        self._filled: list[list[tuple[LayerKV, int, int]]] = []  # per layer: (tokens, offset, start) as written
 
     @property
     def nbytes(self) -> int:
@@ -292,6 +301,7 @@ class ContextArena:
         self.key = [torch.empty(b, cap, h, d, **kw) for _ in range(n_layers)]
         self.value = [torch.empty(b, cap, h, d, **kw) for _ in range(n_layers)]
         self.pos = [torch.empty(b, cap, 3, dtype=torch.long, device=like.value.device) for _ in range(n_layers)]
+        self._filled = [[] for _ in range(n_layers)]
         self.capacity = cap
         self.reallocations += 1
 
@@ -300,20 +310,40 @@ class ContextArena:
     ) -> LayerKV:
         """Write ``parts`` (tokens, frame offset) of one layer in order; return the context view."""
         buf_k, buf_v, buf_p = self.key[layer], self.value[layer], self.pos[layer]
-        start = 0
-        for kv, offset in parts:  # 1. copy tokens in (from the offload device too), re-index frames
+        previous = self._filled[layer] if self.reuse and layer < len(self._filled) else []
+        written: list[tuple[LayerKV, int, int]] = []
+        start, fresh = 0, 0  # fresh: the first token copied (and to rotate) in this fill
+        for i, (kv, offset) in enumerate(parts):  # 1. copy tokens in (from the offload device too), re-index frames
             end = start + len(kv)
-            buf_p[:, start:end].copy_(kv.pos, non_blocking=True)
-            if offset:
-                buf_p[:, start:end, 0] += offset
-            buf_k[:, start:end].copy_(kv.key, non_blocking=True)
-            buf_v[:, start:end].copy_(kv.value, non_blocking=True)
+            same = (
+                fresh == start and i < len(previous) and previous[i][0].key is kv.key
+                and previous[i][0].value is kv.value and previous[i][0].pos is kv.pos
+                and previous[i][1:] == (offset, start)
+            )
+            if same:  # still in the buffer, rotated, where this fill wants it
+                fresh = end
+            else:
+                buf_p[:, start:end].copy_(kv.pos, non_blocking=True)
+                if offset:
+                    buf_p[:, start:end, 0] += offset
+                buf_k[:, start:end].copy_(kv.key, non_blocking=True)
+                buf_v[:, start:end].copy_(kv.value, non_blocking=True)
+            written.append((kv, offset, start))
             start = end
-        # 2. rotate all context keys at once, in place
-        view_k, view_p = buf_k[:, :start], buf_p[:, :start]
-        cos, sin = rope_cos_sin(view_p, buf_k.shape[-1], theta)
-        apply_rope(view_k, cos, sin, out=view_k)
-        return LayerKV(view_k, buf_v[:, :start], view_p, rotated_key=view_k, storage=(buf_k, buf_v))
+        if layer < len(self._filled):
+            self._filled[layer] = written
+            self.reused_tokens += fresh
+        # 2. rotate the newly copied context keys at once, in place
+        view_k, view_p = buf_k[:, fresh:start], buf_p[:, fresh:start]
+        if start > fresh:
+            cos, sin = rope_cos_sin(view_p, buf_k.shape[-1], theta)
+            if rope_in_place_ok(view_k):
+                apply_rope_complex(view_k, rope_freqs(cos, sin), out=view_k)
+            else:
+                apply_rope(view_k, cos, sin, out=view_k)
+        return LayerKV(
+            buf_k[:, :start], buf_v[:, :start], buf_p[:, :start], rotated_key=buf_k[:, :start], storage=(buf_k, buf_v)
+        )
 
 
 @dataclass

@@ -41,11 +41,15 @@ from torch import Tensor
 from .attention import (
     LayerKV,
     apply_rope,
+    apply_rope_complex,
     attention,
+    attention_and_mass,
     attention_mass,
     block_causal_mask,
     grid_positions,
     rope_cos_sin,
+    rope_freqs,
+    rope_in_place_ok,
 )
 
 
@@ -68,6 +72,25 @@ class ChunkOutput:
 
 
 @dataclass
+class PromptCache:
+    """What depends only on a prompt, computed once per segment prompt (``prompt_cache``) and reused by
+    every denoising step and clean pass of every chunk of that segment (the inference fast path; training
+    passes the token states and recomputes, so gradients reach the weights).
+
+    Valid for the weights it was computed with: make a new one after changing them (LoRA, training).
+
+    Args:
+        text: ``(B, L, D)`` text tokens after the condition embedder's text projection.
+        cross_kv: per layer, the cross-attention keys (after ``norm_k``) and values, each ``(B, L, heads, d)``.
+        input_dtype: dtype of the token states it was made from (the timestep embedding is cast to it).
+    """
+
+    text: Tensor
+    cross_kv: list[tuple[Tensor, Tensor]]
+    input_dtype: torch.dtype
+
+
+@dataclass
 class _LayerIO:
     """Per-layer inputs and captured outputs of one block call."""
 
@@ -80,6 +103,9 @@ class _LayerIO:
     want_kv: bool = False
     want_mass: bool = False
     mass_stride: int = 1
+    fast: bool = False  # inference fast path: fused elementwise kernels, one-pass importance
+    freqs: Tensor | None = None  # complex rotary of the current tokens (fast path, float32)
+    cross_kv: tuple[Tensor, Tensor] | None = None  # cached text keys/values (PromptCache)
     kv: LayerKV | None = None
     mass: Tensor | None = None
     memory_output: tuple[Tensor, Tensor] | None = None
@@ -136,7 +162,13 @@ class EgoLCDTransformerBlock(nn.Module):
         v = attn.to_v(x).unflatten(2, (self.num_heads, -1))
         if io.want_kv:
             io.kv = LayerKV(k, v, io.pos)
-        q = apply_rope(q, io.cos, io.sin)
+        freqs = io.freqs if io.freqs is not None and rope_in_place_ok(q) else None
+        q = apply_rope(q, io.cos, io.sin) if freqs is None else apply_rope_complex(q, freqs)
+
+        def rotate(x: Tensor, out: Tensor | None = None) -> Tensor:
+            if freqs is not None and rope_in_place_ok(x) and (out is None or rope_in_place_ok(out)):
+                return apply_rope_complex(x, freqs, out=out)
+            return apply_rope(x, io.cos, io.sin, out=out)
 
         def read(ctx: LayerKV | None) -> tuple[Tensor, Tensor]:
             eager = not torch.compiler.is_compiling()  # compiled graphs concatenate (no input mutation)
@@ -145,10 +177,10 @@ class EgoLCDTransformerBlock(nn.Module):
                 buf_k, buf_v = ctx.storage
                 start, end = len(ctx), len(ctx) + k.shape[1]
                 if end <= buf_k.shape[1] and buf_k.dtype == k.dtype:
-                    apply_rope(k, io.cos, io.sin, out=buf_k[:, start:end])
+                    rotate(k, out=buf_k[:, start:end])
                     buf_v[:, start:end].copy_(v)
                     return buf_k[:, :end], buf_v[:, :end]  # (B, T_ctx + N, h, d) views
-            k_cur = apply_rope(k, io.cos, io.sin)
+            k_cur = rotate(k)
             if ctx is None or len(ctx) == 0:
                 return k_cur, v
             if ctx.rotated_key is not None:
@@ -159,15 +191,33 @@ class EgoLCDTransformerBlock(nn.Module):
             return torch.cat([k_ctx, k_cur], dim=1), torch.cat([ctx.value.to(v.dtype), v], dim=1)
 
         keys, values = read(io.context)
-        out = attention(q, keys, values, io.mask).flatten(2, 3).type_as(q)  # (B, N, h*d)
-        if io.want_mass:
-            n_ctx = 0 if io.context is None else len(io.context)
-            io.mass = attention_mass(q.detach()[:, :: io.mass_stride], keys.detach(), n_ctx)
+        n_ctx = 0 if io.context is None else len(io.context)
+        if io.want_mass and io.fast and io.mask is None:
+            # one attention gives the output and each query's log-sum-exp; the mass reads only the context
+            out, io.mass = attention_and_mass(q, keys, values, n_ctx, io.mass_stride)
+            out = out.flatten(2, 3).type_as(q)
+        else:
+            out = attention(q, keys, values, io.mask).flatten(2, 3).type_as(q)  # (B, N, h*d)
+            if io.want_mass:
+                io.mass = attention_mass(q.detach()[:, :: io.mass_stride], keys.detach(), n_ctx)
         if io.reference is not None:
             with torch.no_grad():
                 ref_k, ref_v = read(io.reference)
                 ref_out = attention(q, ref_k, ref_v).flatten(2, 3).type_as(q)
             io.memory_output = (out, ref_out)
+        return attn.to_out[1](attn.to_out[0](out))
+
+    def cross_kv(self, text: Tensor) -> tuple[Tensor, Tensor]:
+        """Cross-attention keys (after ``norm_k``) and values of projected text tokens, ``(B, L, h, d)``."""
+        attn = self.attn2
+        key = attn.norm_k(attn.to_k(text)).unflatten(2, (attn.heads, -1))
+        return key, attn.to_v(text).unflatten(2, (attn.heads, -1))
+
+    def cross_attention_cached(self, x: Tensor, key: Tensor, value: Tensor) -> Tensor:
+        """``attn2(x, text)`` (Wan's text cross-attention) with the text's keys/values given."""
+        attn = self.attn2
+        q = attn.norm_q(attn.to_q(x)).unflatten(2, (attn.heads, -1))
+        out = attention(q, key, value).flatten(2, 3).type_as(q)
         return attn.to_out[1](attn.to_out[0](out))
 
     def forward(
@@ -188,18 +238,24 @@ class EgoLCDTransformerBlock(nn.Module):
 
         def modulate(x: Tensor, norm: nn.Module, shift: Tensor, scale: Tensor) -> Tensor:
             y = norm(x.float()).view(b, frames, n // frames, d)  # (B, F, H*W, D)
+            if io.fast:  # one fused kernel: shift + y * (1 + scale)
+                return torch.addcmul(shift, y, 1 + scale).view(b, n, d).type_as(x)
             return (y * (1 + scale) + shift).view(b, n, d).type_as(x)
 
         def gated(x: Tensor, y: Tensor, gate: Tensor) -> Tensor:
-            out = x.float().view(b, frames, n // frames, d) + y.float().view(b, frames, n // frames, d) * gate
+            xf, yf = x.float().view(b, frames, n // frames, d), y.float().view(b, frames, n // frames, d)
+            out = torch.addcmul(xf, yf, gate) if io.fast else xf + yf * gate
             return out.view(b, n, d).type_as(x)
 
         # 2. Self-attention over [memory context + current chunk]
         attn_out = self.self_attention(modulate(hidden_states, self.norm1, shift_msa, scale_msa), io)
         hidden_states = gated(hidden_states, attn_out, gate_msa)
-        # 3. Cross-attention to the text
+        # 3. Cross-attention to the text (keys/values cached per prompt on the fast path)
         norm_hidden_states = self.norm2(hidden_states.float()).type_as(hidden_states)
-        hidden_states = hidden_states + self.attn2(norm_hidden_states, encoder_hidden_states, None, None)
+        if io.cross_kv is not None:
+            hidden_states = hidden_states + self.cross_attention_cached(norm_hidden_states, *io.cross_kv)
+        else:
+            hidden_states = hidden_states + self.attn2(norm_hidden_states, encoder_hidden_states, None, None)
         # 4. Feed-forward
         ff_out = self.ffn(modulate(hidden_states, self.norm3, c_shift, c_scale))
         return gated(hidden_states, ff_out, c_gate)
@@ -317,6 +373,9 @@ class EgoLCDTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         self.proj_out = nn.Linear(inner_dim, out_channels * math.prod(patch_size))
         self.scale_shift_table = nn.Parameter(torch.randn(1, 2, inner_dim) / inner_dim**0.5)
         self.gradient_checkpointing = False
+        # Inference fast path (no gradient, eager): fused elementwise kernels and one-pass importance.
+        # False runs the plain path everywhere (equality tests); training always runs the plain path.
+        self.fast_path = True
 
     # ------------------------------------------------------------------ helpers
     @classmethod
@@ -392,6 +451,11 @@ class EgoLCDTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         if timestep.shape != (b, f):
             raise ValueError(f"timestep must be (B,) or (B, F) = {(b, f)}, got {tuple(timestep.shape)}")
         timestep = timestep[:, ::p_t]  # one level per latent frame after temporal patching
+        if isinstance(encoder_hidden_states, PromptCache):  # the text projection was done once per prompt
+            if encoder_hidden_states_image is not None:
+                raise ValueError("a PromptCache does not take image tokens (text-to-video models only)")
+            temb, timestep_proj = self._time_embedding(timestep.flatten(), grid[0], encoder_hidden_states.input_dtype)
+            return x, temb, timestep_proj.unflatten(2, (6, -1)), encoder_hidden_states.text, grid
         temb, timestep_proj, text, image = self.condition_embedder(
             timestep.flatten(), encoder_hidden_states, encoder_hidden_states_image, timestep_seq_len=grid[0]
         )
@@ -399,6 +463,29 @@ class EgoLCDTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         if image is not None:
             text = torch.cat([image, text], dim=1)
         return x, temb, timestep_proj, text, grid
+
+    def _time_embedding(self, timestep: Tensor, frames: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """The timestep half of ``WanTimeTextImageEmbedding.forward`` (same operations and casts)."""
+        ce = self.condition_embedder
+        t = ce.timesteps_proj(timestep).unflatten(0, (-1, frames))
+        time_dtype = next(iter(ce.time_embedder.parameters())).dtype
+        if t.dtype != time_dtype and time_dtype != torch.int8:
+            t = t.to(time_dtype)
+        temb = ce.time_embedder(t).to(dtype)  # type_as(encoder_hidden_states) in diffusers
+        return temb, ce.time_proj(ce.act_fn(temb))
+
+    @torch.no_grad()
+    def prompt_cache(self, encoder_hidden_states: Tensor) -> PromptCache:
+        """The per-prompt work of ``forward_chunk`` done once: the text projection and every layer's
+        cross-attention keys/values. Pass the result as ``encoder_hidden_states`` (inference only).
+
+        Args:
+            encoder_hidden_states: ``(B, L, text_dim)`` text token states of one prompt.
+        """
+        if any(block.attn2.add_k_proj is not None for block in self.blocks):
+            raise ValueError("prompt_cache supports text-to-video models only (this one has image cross-attention)")
+        text = self.condition_embedder.text_embedder(encoder_hidden_states)
+        return PromptCache(text, [block.cross_kv(text) for block in self.blocks], encoder_hidden_states.dtype)
 
     def _run_blocks(self, x: Tensor, text: Tensor, timestep_proj: Tensor, ios: Sequence[_LayerIO]) -> Tensor:
         for block, io in zip(self.blocks, ios):
@@ -465,7 +552,7 @@ class EgoLCDTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         self,
         hidden_states: Tensor,
         timestep: Tensor,
-        encoder_hidden_states: Tensor,
+        encoder_hidden_states: Tensor | PromptCache,
         context: Sequence[LayerKV] | None = None,
         frame_start: int = 0,
         reference_context: Sequence[LayerKV] | None = None,
@@ -479,7 +566,8 @@ class EgoLCDTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         Args:
             hidden_states: ``(B, C, K, H, W)`` latents of the current chunk.
             timestep: ``(B,)`` or ``(B, K)`` in Wan's 0..1000 scale.
-            encoder_hidden_states: ``(B, L, text_dim)`` text tokens of the chunk's segment prompt.
+            encoder_hidden_states: ``(B, L, text_dim)`` text tokens of the chunk's segment prompt, or their
+                ``PromptCache`` (inference: text projection and cross-attention keys/values done once).
             context: one ``LayerKV`` per layer (may be empty): memory tokens, keys before rotary encoding,
                 frame positions already in the coordinate system of this call.
             frame_start: frame position of the chunk's first latent frame in that coordinate system.
@@ -502,6 +590,11 @@ class EgoLCDTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         f, h, w = grid
         pos = grid_positions(b, f, h, w, frame_start=frame_start, device=x.device)  # (B, N, 3)
         cos, sin = rope_cos_sin(pos, self.head_dim)
+        cache = encoder_hidden_states if isinstance(encoder_hidden_states, PromptCache) else None
+        if cache is not None and torch.is_grad_enabled():
+            raise ValueError("a PromptCache is for inference (no gradient); training passes the token states")
+        fast = self.fast_path and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        freqs = rope_freqs(cos, sin) if fast else None
         ios = [
             _LayerIO(
                 cos=cos,
@@ -512,6 +605,9 @@ class EgoLCDTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
                 want_kv=return_kv,
                 want_mass=return_attention_mass,
                 mass_stride=attention_mass_stride,
+                fast=fast,
+                freqs=freqs,
+                cross_kv=None if cache is None else cache.cross_kv[i],
             )
             for i in range(n_layers)
         ]
