@@ -27,6 +27,7 @@ logger = logging.getLogger("fast_path")
 VARIANTS = {
     "arena": {},  # the default path: preallocated context buffers
     "concat": {"arena": False},  # context concatenated into new tensors every step (training path)
+    "plain": {"fast_path": False},  # no prompt cache, unfused kernels, softmax importance, full arena copy
     "bf16": {"dtype": "bfloat16"},
     "compile": {"compile": True},
     "offload": {"offload": True},
