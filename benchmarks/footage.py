@@ -19,8 +19,8 @@ returns to it at least 3 chunks later, as in ``benchmarks/drift.py``):
     .venv/bin/python benchmarks/footage.py --model egolcd/assets/demo --data data/maze40-heldout \\
         --episodes 12 --seeds 0 --out outputs/footage
 
-Writes ``OUT/footage.json``, ``OUT/footage.md`` (the table) and ``OUT/strip.png`` (real first visit, real
-return, generated return per policy).
+Writes ``OUT/footage.json``, ``OUT/footage.md`` (the table), ``OUT/strip.png`` (real first visit, real
+return, generated return per policy) and ``OUT/timeline.png`` (episode 0's egolcd run, one frame a second).
 """
 
 from __future__ import annotations
@@ -190,7 +190,28 @@ def main() -> None:
                                                   "real_chance_psnr": real_cha, "episodes": len(episodes),
                                                   "seeds": seeds, "steps": steps, "runs": runs}, indent=1))
     _strip(out / "strip.png", cases[0], episodes[0], strip)
+    if "egolcd" in strip:
+        _timeline(out / "timeline.png", strip["egolcd"], cases[0]["used"])
     logger.info("\n%s", "\n".join(lines))
+
+
+def _timeline(path: Path, video: np.ndarray, footage: int, step: int = 8) -> None:
+    """One frame per second of a run from footage (the footage's VAE reconstruction, then generated)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    picks = list(range(0, len(video), step))
+    fig, axes = plt.subplots(1, len(picks), figsize=(0.85 * len(picks), 1.2), squeeze=False)
+    for ax, f in zip(axes[0], picks):
+        ax.imshow(video[f])
+        ax.set_title(f"{'footage' if f < footage else 'gen'} {f / 8:.0f}s", fontsize=6,
+                     color="tab:blue" if f < footage else "black")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def _strip(path: Path, case: dict, ep: dict, videos: dict[str, np.ndarray]) -> None:
