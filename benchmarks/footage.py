@@ -151,6 +151,8 @@ def main() -> None:
                 video, info = run_case(pipe, case, policy, seed, steps)
                 s = score_case(video, case, ep)
                 results[(i, policy, seed)] = {**s, **info}
+                with open(out / "runs.jsonl", "a") as f:  # as they finish: a cut run keeps what it measured
+                    f.write(json.dumps({"episode": ep["video_id"], "policy": policy, "seed": seed, **s, **info}) + "\n")
                 if i == 0 and seed == seeds[0]:
                     strip[policy] = video
                 logger.info("%s %-7s seed %d: generated return vs real first visit %.2f dB (chance %.2f; real "
