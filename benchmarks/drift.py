@@ -203,6 +203,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--workers", type=int, default=2, help="generation processes (1 thread each)")
     parser.add_argument("--out", default="outputs/drift")
+    parser.add_argument("--gate-only", action="store_true",
+                        help="only the teacher-forced memory gate (a minute; for checkpoints during training)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     import torch
@@ -220,6 +222,13 @@ def main() -> None:
         raise SystemExit(f"no held-out episode in {args.data} has a revisit to a middle segment")
     policies, seeds = args.policies.split(","), [int(s) for s in args.seeds.split(",")]
     logger.info("%d episodes x %d seeds x %d policies", len(episodes), len(seeds), len(policies))
+
+    if args.gate_only:
+        reals = [read_video(ep["video"])[0] for ep in episodes]
+        gate = memory_gate(pipe, episodes, reals)
+        logger.info("memory gate: %s", gate)
+        (out / "gate.json").write_text(json.dumps(gate, indent=2))
+        return
 
     # 1. Real footage: its own revisit consistency, and through the VAE (the ceiling)
     reals, ceiling = [], []

@@ -480,3 +480,18 @@ def test_starts_from_a_wan_diffusers_folder_and_exports(tmp_path):
     pipe = EgoLCDPipeline.from_pretrained(out)
     assert torch.equal(chunk_output(pipe.transformer), chunk_output(result.model))
     assert pipe.config.preset == "tiny"
+
+
+def test_qk_norm_weights_train_at_their_own_rate(tmp_path: Path) -> None:
+    """``optimizer.qk_norm_lr_scale``: the self-attention q/k RMSNorm weights (the attention temperature)
+    form their own AdamW group at lr * scale; everything else keeps lr, and the scale is validated."""
+    cfg = make_cfg(tmp_path / "run", lora={"enabled": False}, optimizer={"lr": 1e-3, "qk_norm_lr_scale": 20.0})
+    trainer = Trainer(cfg, ClipDataset())
+    groups = trainer.optimizer.param_groups
+    assert len(groups) == 2
+    assert groups[0]["initial_lr"] == pytest.approx(1e-3) and groups[1]["initial_lr"] == pytest.approx(2e-2)
+    qk = {id(p) for n, p in trainer.transformer.named_parameters() if ".attn1.norm_q." in n or ".attn1.norm_k." in n}
+    assert qk and {id(p) for p in groups[1]["params"]} == qk
+    assert not qk & {id(p) for p in groups[0]["params"]}
+    with pytest.raises(ValueError, match="qk_norm_lr_scale"):
+        make_cfg(tmp_path / "x", optimizer={"qk_norm_lr_scale": 0.0})

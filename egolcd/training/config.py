@@ -79,13 +79,17 @@ class LoRASection:
 
 @dataclass
 class OptimizerConfig:
-    """AdamW. ``grad_clip``: max global gradient norm (``null``: no clipping)."""
+    """AdamW. ``grad_clip``: max global gradient norm (``null``: no clipping). ``qk_norm_lr_scale``:
+    learning-rate multiplier of the self-attention q/k RMSNorm weights, which set the attention temperature
+    (with Wan's qk-norm at weight 1 a logit is at most sqrt(head_dim); a short run at the base rate leaves
+    attention near uniform)."""
 
     lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     weight_decay: float = 0.01
     grad_clip: float | None = 1.0
+    qk_norm_lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
@@ -94,6 +98,8 @@ class OptimizerConfig:
             raise _bad(f"'optimizer.betas' must be in [0, 1), got {list(self.betas)}")
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise _bad(f"'optimizer.grad_clip' must be > 0 or null, got {self.grad_clip}")
+        if not self.qk_norm_lr_scale > 0:
+            raise _bad(f"'optimizer.qk_norm_lr_scale' must be > 0, got {self.qk_norm_lr_scale}")
 
 
 @dataclass

@@ -63,6 +63,11 @@ class TrainResult:
 StepCallback = Callable[[int, dict[str, Any]], None]
 
 
+def _is_qk_norm(name: str) -> bool:
+    """The self-attention q/k RMSNorm weights (``optimizer.qk_norm_lr_scale``)."""
+    return ".attn1.norm_q." in name or ".attn1.norm_k." in name
+
+
 class Trainer(CheckpointMixin, MonitorMixin):
     """One training run (see :func:`train`)."""
 
@@ -147,9 +152,13 @@ class Trainer(CheckpointMixin, MonitorMixin):
             LossWeights(memory=cfg.loss.memory_weight, variant=cfg.loss.variant),
             policies,
         )
-        params = [p for p in module.parameters() if p.requires_grad]
+        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        qk_norm = [p for n, p in named if _is_qk_norm(n)]
+        groups = [{"params": [p for n, p in named if not _is_qk_norm(n)]}]
+        if qk_norm:  # the attention temperature, optionally at a higher rate
+            groups.append({"params": qk_norm, "lr": cfg.optimizer.lr * cfg.optimizer.qk_norm_lr_scale})
         optimizer = torch.optim.AdamW(
-            params,
+            groups,
             lr=cfg.optimizer.lr,
             betas=cfg.optimizer.betas,
             eps=cfg.optimizer.eps,
