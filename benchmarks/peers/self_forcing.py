@@ -184,7 +184,7 @@ def run_peer(args: argparse.Namespace, policy: str, work: Path) -> dict:
 # --------------------------------------------------------------------------- egolcd
 
 
-def run_egolcd(args: argparse.Namespace, policy: str, work: Path) -> dict:
+def run_egolcd(args: argparse.Namespace, policy: str, work: Path, plain: bool = False) -> dict:
     from egolcd.config import MemoryConfig
     from egolcd.flow import distilled_sigmas, get_sampler
     from egolcd.memory import ContextArena, MemoryPolicy
@@ -192,14 +192,15 @@ def run_egolcd(args: argparse.Namespace, policy: str, work: Path) -> dict:
     from egolcd.transformer import EgoLCDTransformer3DModel
 
     model = EgoLCDTransformer3DModel.from_pretrained(work / "egolcd").eval()
-    model.fast_path = not args.plain
+    plain = plain or args.plain
+    model.fast_path = not plain
     embeds = torch.load(work / "text.pt")
     k = args.chunk_frames
     hw = args.latent_size
     memory = MemoryConfig(policy=policy, window_chunks=args.window, sink=True)
     mem_policy = MemoryPolicy(memory, k)
     state = mem_policy.init_state()
-    arena = ContextArena(reserve=k * (hw // 2) ** 2, reuse=not args.plain)
+    arena = ContextArena(reserve=k * (hw // 2) ** 2, reuse=not plain)
     sigmas = distilled_sigmas(STEP_LIST, SHIFT)
     sample = get_sampler("distilled")
     g = torch.Generator().manual_seed(args.seed)
@@ -214,7 +215,7 @@ def run_egolcd(args: argparse.Namespace, policy: str, work: Path) -> dict:
             seg = c * args.segments // args.chunks
             t0 = time.perf_counter()
             if seg not in prompts:
-                prompts[seg] = embeds if args.plain else model.prompt_cache(embeds)
+                prompts[seg] = embeds if plain else model.prompt_cache(embeds)
             generate_chunk(model, mem_policy, state, noise[:, :, c * k : (c + 1) * k].contiguous(), prompts[seg],
                            keys[seg], seg, [], sigmas, sample, arena=arena)
             seconds.append(time.perf_counter() - t0)
@@ -267,6 +268,8 @@ def worker(args: argparse.Namespace) -> None:
         result = setup(args, work)
     elif args.worker == "peer":
         result = run_peer(args, args.policy, work)
+    elif args.worker == "egolcd-plain":
+        result = run_egolcd(args, args.policy, work, plain=True)
     else:
         result = run_egolcd(args, args.policy, work)
     Path(args.result).write_text(json.dumps(result))
@@ -300,6 +303,8 @@ def main() -> None:
     parser.add_argument("--text-tokens", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--plain", action="store_true", help="egolcd without its inference fast path")
+    parser.add_argument("--with-plain", action="store_true",
+                        help="also run egolcd's plain path (fast_path=False) for sink-window and egolcd")
     parser.add_argument("--out", help="write the measurements as JSON")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--policy", help=argparse.SUPPRESS)
@@ -311,12 +316,12 @@ def main() -> None:
         return
     if not (Path(args.self_forcing) / "pipeline" / "causal_inference.py").is_file():
         parser.error(f"{args.self_forcing} is not a Self-Forcing checkout (no pipeline/causal_inference.py)")
-    skip = {"--out", "--rounds"}
+    skip = {"--out", "--rounds", "--with-plain"}
     args.passthrough, it = [], iter(sys.argv[1:])
     for token in it:  # the options every worker needs (all but the driver's own)
         name = token.split("=")[0]
         if name in skip:
-            if "=" not in token:
+            if "=" not in token and name != "--with-plain":
                 next(it, None)
             continue
         args.passthrough.append(token)
@@ -328,6 +333,8 @@ def main() -> None:
               f"(output mean |v| {check['output_abs_mean']:.3f})", flush=True)
         runs: dict[str, list[float]] = {}
         order = [("peer", p) for p in PEER_POLICIES] + [("egolcd", p) for p in POLICIES]
+        if args.with_plain:
+            order += [("egolcd-plain", "sink-window"), ("egolcd-plain", "egolcd")]
         for r in range(args.rounds):
             for role, policy in order if r % 2 == 0 else order[::-1]:  # alternate, and reverse every round
                 res = spawn(args, role, policy, work)
@@ -345,6 +352,15 @@ def main() -> None:
     table += [f"| {n} | {p * 1e3:.1f} | {e * 1e3:.1f} | {e / p:.3f} |" for n, p, e in rows]
     policy_ratio = med["egolcd:egolcd"] / med["egolcd:sink-window"]
     table.append(f"\negolcd policy / egolcd sink-window: {policy_ratio:.3f} (target <= 1.08)")
+    plain_ratios = {}
+    for policy in ("sink-window", "egolcd"):
+        if f"egolcd-plain:{policy}" in med:
+            plain_ratios[policy] = med[f"egolcd:{policy}"] / med[f"egolcd-plain:{policy}"]
+            table.append(f"egolcd {policy}: fast path / plain path {plain_ratios[policy]:.3f} "
+                         f"({med[f'egolcd-plain:{policy}'] * 1e3:.1f} ms plain)")
+    if "egolcd-plain:egolcd" in med:
+        table.append(f"plain path: egolcd policy / sink-window "
+                     f"{med['egolcd-plain:egolcd'] / med['egolcd-plain:sink-window']:.3f}")
     print("\n".join(table))
     if args.out:
         report = {
@@ -354,7 +370,8 @@ def main() -> None:
             "check": check, "runs_ms": {k: [x * 1e3 for x in v] for k, v in runs.items()},
             "median_ms": {k: v * 1e3 for k, v in med.items()},
             "ratios": {"window": rows[0][2] / rows[0][1], "sink-window": rows[1][2] / rows[1][1],
-                       "egolcd_vs_peer_sink_window": rows[2][2] / rows[2][1], "egolcd_vs_sink_window": policy_ratio},
+                       "egolcd_vs_peer_sink_window": rows[2][2] / rows[2][1], "egolcd_vs_sink_window": policy_ratio,
+                       "fast_over_plain": plain_ratios},
             "peer_shims": ["torch.cuda.current_device -> 0", "flash_attention/attention -> float32 SDPA",
                            "stub text encoder and VAE", "kv/cross-attn caches sized for the tiny model"],
         }
