@@ -115,6 +115,7 @@ def main() -> None:
     parser.add_argument("--model", default="egolcd/assets/demo")
     parser.add_argument("--data", default="data/maze40-heldout")
     parser.add_argument("--episodes", type=int, default=12)
+    parser.add_argument("--skip", type=int, default=0, help="leave out the first N episodes (split a run over processes)")
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--policies", default="egolcd,window")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
@@ -135,7 +136,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     pipe = EgoLCDPipeline.from_pretrained(args.model)
     steps = args.steps or pipe.config.steps
-    episodes = load_episodes(Path(args.data), args.episodes, pipe.chunk_frames, pipe.vae.temporal_factor)
+    episodes = load_episodes(Path(args.data), args.episodes, pipe.chunk_frames, pipe.vae.temporal_factor)[args.skip :]
     if not episodes:
         raise SystemExit(f"no held-out episode in {args.data} has a revisit to a middle segment")
     policies, seeds = args.policies.split(","), [int(s) for s in args.seeds.split(",")]
