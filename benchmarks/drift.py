@@ -210,7 +210,7 @@ def main() -> None:
     import torch
 
     from egolcd.pipeline import EgoLCDPipeline
-    from egolcd.revisits import bootstrap_mean_ci, frame_psnr, paired_psnr
+    from egolcd.revisits import bootstrap_mean_ci, frame_psnr
     from egolcd.video_io import read_video
 
     torch.set_num_threads(max(1, args.workers))

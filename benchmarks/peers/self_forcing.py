@@ -50,6 +50,7 @@ import types
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 POLICIES = ("window", "sink-window", "egolcd")
 PEER_POLICIES = ("window", "sink-window")
@@ -159,7 +160,7 @@ def peer_pipeline(peer: dict, work: Path, args: argparse.Namespace, policy: str,
 
 def run_peer(args: argparse.Namespace, policy: str, work: Path) -> dict:
     peer = import_peer(args.self_forcing)
-    embeds = torch.load(work / "text.pt")
+    embeds = load_file(work / "text.safetensors")["text"]
     pipe = peer_pipeline(peer, work, args, policy, embeds)
     k = args.chunk_frames
     g = torch.Generator().manual_seed(args.seed)
@@ -194,7 +195,7 @@ def run_egolcd(args: argparse.Namespace, policy: str, work: Path, plain: bool = 
     model = EgoLCDTransformer3DModel.from_pretrained(work / "egolcd").eval()
     plain = plain or args.plain
     model.fast_path = not plain
-    embeds = torch.load(work / "text.pt")
+    embeds = load_file(work / "text.safetensors")["text"]
     k = args.chunk_frames
     hw = args.latent_size
     memory = MemoryConfig(policy=policy, window_chunks=args.window, sink=True)
@@ -246,7 +247,7 @@ def setup(args: argparse.Namespace, work: Path) -> dict:
     ours.save_pretrained(work / "egolcd")
     g = torch.Generator().manual_seed(args.seed + 1)
     embeds = torch.randn(1, args.text_tokens, 4096, generator=g)
-    torch.save(embeds, work / "text.pt")
+    save_file({"text": embeds}, work / "text.safetensors")
     # first forward, no cache: the same function?
     x = torch.randn(1, 16, args.chunk_frames, args.latent_size, args.latent_size, generator=g)
     with torch.inference_mode():
