@@ -247,22 +247,3 @@ def test_match_preset_recognises_the_real_sizes():
     for name in ("wan2.1-1.3b", "wan2.1-14b"):
         assert match_preset(dict(PRESETS[name].transformer)) == name
     assert match_preset(dict(PRESETS["tiny"].transformer)) is None
-
-
-def test_text_encoder_option_names_the_umt5(tmp_path, monkeypatch):
-    """`--text-encoder` (and its older spelling `--text-encoder-path`) reach the random-weights path too."""
-    from egolcd import pipeline
-
-    seen = {}
-
-    class Stop(Exception):
-        pass
-
-    def fake_from_preset(name, seed=0, vae_path=None, **overrides):
-        seen.update(name=name, vae_path=vae_path, **overrides)
-        raise Stop
-
-    monkeypatch.setattr(pipeline.EgoLCDPipeline, "from_preset", staticmethod(fake_from_preset))
-    with pytest.raises(Stop):
-        main(["create-model", str(tmp_path / "m"), "--preset", "wan2.1-1.3b", "--vae", "V", "--text-encoder", "T"])
-    assert seen == {"name": "wan2.1-1.3b", "vae_path": "V", "text_encoder_path": "T"}

@@ -483,7 +483,9 @@ def test_cli_convert_and_generate_with_distilled_sampler(tmp_path):
     assert outs[0] == outs[1] and len(outs[0]) > 0
 
 
-def test_create_model_passes_text_encoder_path(tmp_path, monkeypatch):
+@pytest.mark.parametrize("option", ["--text-encoder", "--text-encoder-path"])
+def test_create_model_passes_text_encoder_path(tmp_path, monkeypatch, option):
+    """`--text-encoder` (and its older spelling `--text-encoder-path`) reach the random-weights path."""
     from egolcd import pipeline
 
     seen = {}
@@ -497,7 +499,7 @@ def test_create_model_passes_text_encoder_path(tmp_path, monkeypatch):
 
     monkeypatch.setattr(pipeline.EgoLCDPipeline, "from_preset", staticmethod(fake_from_preset))
     with pytest.raises(Stop):
-        main(["create-model", str(tmp_path / "m"), "--preset", "wan2.1-1.3b", "--vae", "V", "--text-encoder-path", "T"])
+        main(["create-model", str(tmp_path / "m"), "--preset", "wan2.1-1.3b", "--vae", "V", option, "T"])
     assert seen == {"name": "wan2.1-1.3b", "vae_path": "V", "text_encoder_path": "T"}
 
 

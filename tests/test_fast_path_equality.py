@@ -24,7 +24,6 @@ from egolcd.attention import (
     rope_freqs,
 )
 from egolcd.bench import BenchConfig, run_policy
-from egolcd.config import get_preset
 from egolcd.flow import get_sampler, get_sigmas
 from egolcd.memory import ContextArena, MemoryPolicy
 from egolcd.pipeline import generate_chunk
@@ -32,9 +31,8 @@ from egolcd.transformer import EgoLCDTransformer3DModel, PromptCache
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 
-PRESET = get_preset("tiny")
-K = PRESET.chunk_frames
-LATENT_HW = (PRESET.height // PRESET.vae_spatial, PRESET.width // PRESET.vae_spatial)
+from test_fast_path import LATENT_HW, PRESET, K, make_inputs  # noqa: E402  (the same tiny inputs)
+
 RESERVE = K * (LATENT_HW[0] // 2) * (LATENT_HW[1] // 2)
 
 
@@ -43,14 +41,6 @@ def make_model(fast: bool = True) -> EgoLCDTransformer3DModel:
     model = EgoLCDTransformer3DModel.from_preset("tiny").eval()
     model.fast_path = fast
     return model
-
-
-def make_inputs(chunks: int, segments: int = 3, seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    text = torch.randn(segments, 1, 8, PRESET.transformer["text_dim"], generator=g)
-    keys = torch.nn.functional.normalize(torch.randn(segments, 1, 16, generator=g), dim=-1)
-    noise = [torch.randn(1, PRESET.latent_channels, K, *LATENT_HW, generator=g) for _ in range(chunks)]
-    return text, keys, noise
 
 
 def random_context(model, tokens: int = 40, seed: int = 2) -> list[LayerKV]:
