@@ -201,6 +201,28 @@ def test_memory_maze_revisit_look_replays_the_first_look() -> None:
     assert any(np.abs((f[:, 3] - a[:, 3] + np.pi) % (2 * np.pi) - np.pi).max() > np.radians(20) for f, a in free)
 
 
+def test_memory_maze_looks_start_on_chunk_boundaries() -> None:
+    """``align_looks``: every look around starts on a multiple of 12 frames (a demo chunk), so a revisit's
+    chunks hold the first visit's poses chunk for chunk; with 0 they do not all."""
+    _require("memory-maze")
+    from egolcd.data.sources.memory_maze import MazeMotion, MemoryMazeSource
+
+    def look_starts(align: int) -> list[int]:
+        gen = MemoryMazeSource(width=16, height=16, fps=8, motion=MazeMotion(align_looks=align))
+        with gen.episode(episode_rng("memory-maze", 0, 2), 8 * 40) as episode:
+            found = detect_revisits(episode.poses, episode.segments, episode.tolerance, episode.state)
+            assert found
+            segs = {s.id: s for s in episode.segments}
+            for r in found:  # the revisit look starts where its first visit started, modulo a chunk
+                assert (segs[r.segment].start - segs[r.revisits].start) % 12 == 0 or align != 12
+            assert episode.segments[-1].end == 8 * 40
+            return [s.start for s in episode.segments if s.action.startswith("looks around") and s.id != "s1"]
+
+    aligned = look_starts(12)
+    assert aligned and all(start % 12 == 0 for start in aligned)
+    assert any(start % 12 for start in look_starts(0))
+
+
 # ------------------------------------------------------------------------------------------ helpers
 def test_detect_revisits_needs_a_return() -> None:
     # stand still facing 0, turn to 90 degrees, walk 5 m away, come back and face 0 again

@@ -80,12 +80,18 @@ class MazeMotion:
             turns the same way, so it replays the first visit's views in the same order (the agent turns to
             that heading at the end of its walk back). ``False``: a random side from the arrival heading
             (the tours of the first demo model, commit f58a0e2).
+        align_looks: every look around starts on a frame index that is a multiple of this (the agent stands
+            still at the end of its walk until then; 0 or 1: no pause). With the demo preset's 12-frame chunks
+            (the default) a look and its replayed revisit cover whole chunks with the same poses, frame by
+            frame, so the revisit's latent chunks equal the first visit's and memory can be copied token for
+            token. Other chunk sizes: pass the preset's frames per chunk.
     """
 
     walk_speed: float = 2.0
     turn_speed: float = 120.0
     short_seconds: float = 12.0
     replay_revisit_looks: bool = True
+    align_looks: int = 12
 
 
 @dataclass
@@ -139,6 +145,12 @@ class _Plan:
         for i in range(n):
             self.states.append((self.x + dx * i / n, self.y + dy * i / n, self.yaw))
         self.x, self.y = self.x + dx, self.y + dy
+
+    def pause_to_alignment(self) -> None:
+        """Stand still until the next frame index is a multiple of ``motion.align_looks``."""
+        align = max(1, self.motion.align_looks)
+        for _ in range(-len(self.states) % align):
+            self.states.append((self.x, self.y, self.yaw))
 
     def segment(self, start: int, action: str) -> None:
         end = min(len(self.states), self.budget)
@@ -407,7 +419,7 @@ class MemoryMazeSource:
             yaw = h
         if face is not None and abs(_wrap(face - yaw)) > 1e-6:
             frames += plan.turn_frames(_wrap(face - yaw))
-        return frames
+        return frames + max(0, self.motion.align_looks - 1)  # at most this long a pause before the look
 
     def _walk(self, plan: _Plan, path: list[tuple[int, int]], place: _Place) -> None:
         start = len(plan.states)
@@ -428,6 +440,7 @@ class MemoryMazeSource:
             face = place.look_yaw  # the revisit's look replays the first one from its start heading
         if face is not None and abs(_wrap(face - plan.yaw)) > 1e-6:
             plan.turn(_wrap(face - plan.yaw))
+        plan.pause_to_alignment()  # the look around that follows starts on a chunk boundary
         arrived = len(plan.states) <= plan.budget
         verb = "walks back" if place.visits else "walks"
         verb = ("turns around and " + verb) if about else verb
