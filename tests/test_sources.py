@@ -202,8 +202,9 @@ def test_memory_maze_revisit_look_replays_the_first_look() -> None:
 
 
 def test_memory_maze_looks_start_on_chunk_boundaries() -> None:
-    """``align_looks``: every look around starts on a multiple of 12 frames (a demo chunk), so a revisit's
-    chunks hold the first visit's poses chunk for chunk; with 0 they do not all."""
+    """``align_looks``: every look around starts where a demo latent chunk starts (frame 12c - 3: the VAE
+    encodes frame 0 alone), so a revisit's chunks hold the first visit's poses chunk for chunk; with 0 they
+    do not all."""
     _require("memory-maze")
     from egolcd.data.sources.memory_maze import MazeMotion, MemoryMazeSource
 
@@ -219,8 +220,8 @@ def test_memory_maze_looks_start_on_chunk_boundaries() -> None:
             return [s.start for s in episode.segments if s.action.startswith("looks around") and s.id != "s1"]
 
     aligned = look_starts(12)
-    assert aligned and all(start % 12 == 0 for start in aligned)
-    assert any(start % 12 for start in look_starts(0))
+    assert aligned and all((start + 3) % 12 == 0 for start in aligned)
+    assert any((start + 3) % 12 for start in look_starts(0))
 
 
 # ------------------------------------------------------------------------------------------ helpers

@@ -80,11 +80,13 @@ class MazeMotion:
             turns the same way, so it replays the first visit's views in the same order (the agent turns to
             that heading at the end of its walk back). ``False``: a random side from the arrival heading
             (the tours of the first demo model, commit f58a0e2).
-        align_looks: every look around starts on a frame index that is a multiple of this (the agent stands
-            still at the end of its walk until then; 0 or 1: no pause). With the demo preset's 12-frame chunks
-            (the default) a look and its replayed revisit cover whole chunks with the same poses, frame by
-            frame, so the revisit's latent chunks equal the first visit's and memory can be copied token for
-            token. Other chunk sizes: pass the preset's frames per chunk.
+        align_looks, align_shift: every look around starts on a frame ``f`` with ``(f + align_shift) %
+            align_looks == 0`` (the agent stands still at the end of its walk until then; ``align_looks`` 0 or
+            1: no pause). The defaults are the demo preset's latent chunks: the Wan VAE encodes frame 0 alone,
+            so latent chunk ``c >= 1`` (3 latent frames) covers pixel frames ``[12c - 3, 12c + 9)``. A look
+            (24 frames) and its replayed revisit then fill whole chunks with the same poses frame by frame,
+            so the revisit's latent chunks equal the first visit's and memory can be copied token for token.
+            Other presets: frames per chunk and the VAE's temporal factor - 1.
     """
 
     walk_speed: float = 2.0
@@ -92,6 +94,7 @@ class MazeMotion:
     short_seconds: float = 12.0
     replay_revisit_looks: bool = True
     align_looks: int = 12
+    align_shift: int = 3
 
 
 @dataclass
@@ -147,9 +150,9 @@ class _Plan:
         self.x, self.y = self.x + dx, self.y + dy
 
     def pause_to_alignment(self) -> None:
-        """Stand still until the next frame index is a multiple of ``motion.align_looks``."""
+        """Stand still until the next frame starts a chunk (``MazeMotion.align_looks``)."""
         align = max(1, self.motion.align_looks)
-        for _ in range(-len(self.states) % align):
+        for _ in range(-(len(self.states) + self.motion.align_shift) % align):
             self.states.append((self.x, self.y, self.yaw))
 
     def segment(self, start: int, action: str) -> None:
