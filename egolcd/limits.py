@@ -66,7 +66,7 @@ def beyond(name: str, what: str) -> str:
 def count_frames(seconds: list[float], fps: int) -> int:
     """The video's pixel frames (as ``compile_narrative`` counts them), refusing more than the frame limit
     before anything is allocated: a narrative of ``1e12`` seconds fails here, not after hours."""
-    from .narrative import NarrativeError
+    from .narrative_schema import NarrativeError
 
     if not isinstance(fps, int) or isinstance(fps, bool) or fps <= 0:
         raise NarrativeError(f"fps must be a positive integer, got {fps!r}")
