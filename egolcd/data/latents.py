@@ -21,23 +21,21 @@ and renamed into place, and the index is rewritten (atomically) after each shard
 again skips the clips already in the index and produces the same cache as one uninterrupted run.
 
 ``LatentDataset`` reads the cache lazily (``safetensors.safe_open``) and returns per-chunk text.
+
+This module writes the cache; the index and the model identities are :mod:`egolcd.data.latent_index`, the
+reader :mod:`egolcd.data.latent_dataset`. Their names are re-exported here.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
-import secrets
-from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
@@ -45,6 +43,18 @@ from tqdm.auto import tqdm
 from ..text import TextEncoder
 from ..vae import VideoVAE
 from .egovid import ClipError, EgoVidDataset
+from .latent_dataset import LatentDataset, collate_latents
+from .latent_index import (
+    INDEX_NAME,
+    LATENT_FORMAT,
+    LATENT_FORMAT_VERSION,
+    LatentClip,
+    LatentGeometry,
+    LatentIndex,
+    _atomic_write,
+    text_encoder_identity,
+    vae_identity,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -61,189 +71,6 @@ __all__ = [
     "text_encoder_identity",
     "vae_identity",
 ]
-
-LATENT_FORMAT = "egolcd-latents"
-LATENT_FORMAT_VERSION = 1
-INDEX_NAME = "index.json"
-
-
-# ------------------------------------------------------------------------------------------ index
-@dataclass
-class LatentGeometry:
-    """What every clip of a cache looks like.
-
-    Args:
-        chunk_frames: latent frames per chunk.
-        chunks_per_clip: N, chunks (and prompts) per clip.
-        num_latent_frames: L = N * chunk_frames.
-        latent_channels: C.
-        latent_height, latent_width: h, w.
-        num_frames, height, width, fps, vae_temporal: the pixel clip the latents encode.
-        text_dim: D of the token states; text_len: Lt, their padded length; pooled_dim: E.
-    """
-
-    chunk_frames: int
-    chunks_per_clip: int
-    num_latent_frames: int
-    latent_channels: int
-    latent_height: int
-    latent_width: int
-    num_frames: int
-    height: int
-    width: int
-    fps: int
-    vae_temporal: int
-    text_dim: int
-    text_len: int
-    pooled_dim: int
-
-
-@dataclass
-class LatentClip:
-    """One cached clip.
-
-    Args:
-        video_id: the dataset id.
-        shard: shard file name.
-        key: tensor-name prefix inside the shard.
-        num_latent_frames: L of its latents.
-    """
-
-    video_id: str
-    shard: str
-    key: str
-    num_latent_frames: int
-
-
-@dataclass
-class LatentIndex:
-    """The contents of ``index.json``.
-
-    Args:
-        geometry: clip geometry.
-        vae: identity of the VAE (class, config and weight hashes, source path).
-        text_encoder: identity of the text encoder (class, model, max_length).
-        clips: cached clips in dataset order.
-        shards: shard file names.
-        skipped: clips left out, by reason (the dataset's scan plus clips that failed to decode).
-        failed: video_id -> reason for clips that failed to decode (not retried on resume).
-        complete: the run finished (no clip of the dataset left to encode).
-        preset: the preset name, when known.
-        format, version: ``"egolcd-latents"``, ``1``.
-    """
-
-    geometry: LatentGeometry
-    vae: dict[str, Any]
-    text_encoder: dict[str, Any]
-    clips: list[LatentClip] = field(default_factory=list)
-    shards: list[str] = field(default_factory=list)
-    skipped: dict[str, int] = field(default_factory=dict)
-    failed: dict[str, str] = field(default_factory=dict)
-    complete: bool = False
-    preset: str | None = None
-    format: str = LATENT_FORMAT
-    version: int = LATENT_FORMAT_VERSION
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (format and version first)."""
-        data = asdict(self)
-        return {"format": data.pop("format"), "version": data.pop("version"), **data}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> LatentIndex:
-        """Parse an ``index.json`` object (raises ``KeyError``/``TypeError`` on a malformed one)."""
-        if data.get("format") != LATENT_FORMAT:
-            raise ValueError(f"not an egolcd latent index (format {data.get('format')!r})")
-        if int(data.get("version", -1)) != LATENT_FORMAT_VERSION:
-            raise ValueError(
-                f"latent index version {data.get('version')!r}, this egolcd reads {LATENT_FORMAT_VERSION}"
-            )
-        body = dict(data)
-        body["geometry"] = LatentGeometry(**data["geometry"])
-        body["clips"] = [LatentClip(**c) for c in data["clips"]]
-        return cls(**body)
-
-    def save(self, directory: str | os.PathLike[str]) -> None:
-        """Write ``directory/index.json`` atomically."""
-        text = json.dumps(self.to_dict(), indent=1 if len(self.clips) < 10_000 else None)
-        _atomic_write(Path(directory) / INDEX_NAME, lambda tmp: tmp.write_text(text + "\n"))
-
-    @classmethod
-    def load(cls, directory: str | os.PathLike[str]) -> LatentIndex:
-        """Read ``directory/index.json``.
-
-        Raises:
-            FileNotFoundError: no index (one line).
-            ValueError: unreadable, malformed or of another format version (one line).
-        """
-        path = Path(directory).expanduser() / INDEX_NAME
-        if not path.is_file():
-            raise FileNotFoundError(f"no latent index {path} (run `egolcd prepare-latents` first)")
-        try:
-            return cls.from_dict(json.loads(path.read_text()))
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ValueError(f"corrupt latent index {path}: {first}") from None
-
-
-def _atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
-    """Write through ``write(tmp)`` to a hidden temporary file beside ``path``, then rename it onto ``path``."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-# ------------------------------------------------------------------------------------------ identity
-def _sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()[:16]
-
-
-def vae_identity(vae: VideoVAE) -> dict[str, Any]:
-    """What makes two VAEs encode alike: class, config hash and a hash of the weights.
-
-    Args:
-        vae: the VAE.
-    """
-    config = {k: v for k, v in dict(vae.model.config).items() if not k.startswith("_")}
-    h = hashlib.sha256()
-    for name, tensor in sorted(vae.model.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return dict(
-        cls=type(vae.model).__name__,
-        config=_sha(json.dumps(config, sort_keys=True, default=str).encode()),
-        weights=h.hexdigest()[:16],
-        path=str(getattr(vae.model.config, "_name_or_path", "") or ""),
-    )
-
-
-def text_encoder_identity(encoder: TextEncoder) -> dict[str, Any]:
-    """Class, model location and token geometry of a text encoder.
-
-    Args:
-        encoder: the text encoder.
-    """
-    source = getattr(encoder, "path_or_id", None) or getattr(encoder, "model_dir", None) or ""
-    return dict(
-        cls=type(encoder).__name__,
-        model=str(source),
-        max_length=int(encoder.max_length),
-        dim=int(encoder.dim),
-        pooled_dim=int(encoder.pooled_dim),
-        dtype=str(getattr(getattr(encoder, "model", None), "dtype", "")),
-    )
 
 
 # ------------------------------------------------------------------------------------------ writing
@@ -482,175 +309,3 @@ def prepare_latents(
         "" if index.complete else " (incomplete: run again to continue)",
     )
     return index
-
-
-# ------------------------------------------------------------------------------------------ reading
-class LatentDataset(Dataset):
-    """Clips of a latent cache made by :func:`prepare_latents`.
-
-    Item, a dict:
-        latents: ``(C, L, h, w)`` float32.
-        text: ``(N, Lt, D)`` float32 token states of each chunk's prompt (zero past the mask).
-        text_mask: ``(N, Lt)`` bool.
-        pooled: ``(N, E)`` float32.
-        segments: ``(N,)`` long, the segment (prompt) index of each chunk.
-        revisits: ``(N,)`` long, the segment (prompt row) each chunk's segment revisits (-1: none).
-        video_id: str. first_chunk: where the window starts in the cached clip.
-        pose: float32, only for clips with poses.
-
-    Shards are opened lazily with ``safetensors.safe_open`` and up to ``max_open_files`` handles are kept
-    (per process; DataLoader workers open their own).
-
-    With ``clip_chunks`` smaller than the cached clips (whole episodes), items are windows of that many
-    chunks starting at every chunk offset, so chunk 0 of a training clip (its sink) is not always the
-    episode's start; ``min_revisit_chunks`` keeps only windows whose revisits exercise long-term memory.
-
-    Args:
-        directory: the cache folder.
-        max_open_files: open shard handles kept.
-        clip_chunks: chunks per item (default: the cached clip length).
-        min_revisit_chunks: keep windows with at least this many chunks revisiting a segment that left the
-            short-term window inside the window.
-        window_chunks: the policy's short-term window W (for that test).
-
-    Raises:
-        FileNotFoundError: no ``index.json`` (one line).
-        ValueError: a corrupt index (one line).
-    """
-
-    def __init__(
-        self,
-        directory: str | os.PathLike[str],
-        max_open_files: int = 16,
-        clip_chunks: int | None = None,
-        min_revisit_chunks: int = 0,
-        window_chunks: int = 0,
-    ) -> None:
-        self.directory = Path(directory).expanduser()
-        self.index = LatentIndex.load(self.directory)
-        self.geometry = self.index.geometry
-        self.max_open_files = max(1, int(max_open_files))
-        self._handles: OrderedDict[str, Any] = OrderedDict()
-        if not self.index.complete:
-            logger.warning("latent cache %s is incomplete (prepare-latents was interrupted)", self.directory)
-        n = self.geometry.chunks_per_clip
-        self.clip_chunks = n if clip_chunks is None else int(clip_chunks)
-        if not 1 <= self.clip_chunks <= n:
-            raise ValueError(f"clip_chunks must be in 1..{n} (the cached clips' chunks), got {clip_chunks}")
-        self.windows = self._windows(int(min_revisit_chunks), int(window_chunks))
-        if not self.windows:
-            raise ValueError(
-                f"no window of {self.clip_chunks} chunks in {self.directory} has {min_revisit_chunks} revisiting "
-                f"chunks beyond a {window_chunks}-chunk window"
-            )
-
-    def _windows(self, min_revisit_chunks: int, window_chunks: int) -> list[tuple[int, int]]:
-        """``(clip, first chunk)`` of every training window (each cached clip when not cropping).
-
-        A window is kept when at least ``min_revisit_chunks`` of its chunks revisit a segment that has a
-        chunk inside the window more than ``window_chunks`` chunks earlier (it has left the short-term
-        window, so only long-term memory holds it).
-        """
-        n, c = self.geometry.chunks_per_clip, self.clip_chunks
-        if c == n and min_revisit_chunks == 0:
-            return [(i, 0) for i in range(len(self.index.clips))]
-        out = []
-        for i, clip in enumerate(self.index.clips):
-            handle = self._handle(clip.shard)
-            segments = handle.get_tensor(f"{clip.key}.segments").tolist()
-            names = handle.keys()
-            revisits = handle.get_tensor(f"{clip.key}.revisits").tolist() if f"{clip.key}.revisits" in names else []
-            for start in range(n - c + 1):
-                count = 0
-                for j in range(start, start + c):
-                    target = revisits[j] if revisits else -1
-                    if target >= 0 and any(segments[q] == target for q in range(start, j - window_chunks)):
-                        count += 1
-                if count >= min_revisit_chunks:
-                    out.append((i, start))
-        return out
-
-    def __len__(self) -> int:
-        return len(self.windows)
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["_handles"] = OrderedDict()  # file handles do not cross processes
-        return state
-
-    def _handle(self, shard: str) -> Any:
-        if shard in self._handles:
-            self._handles.move_to_end(shard)
-            return self._handles[shard]
-        path = self.directory / shard
-        try:
-            handle = safe_open(str(path), framework="pt", device="cpu")
-        except Exception as exc:  # safetensors raises its own error types
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ValueError(f"cannot read latent shard {path}: {first}") from None
-        self._handles[shard] = handle
-        while len(self._handles) > self.max_open_files:
-            self._handles.popitem(last=False)
-        return handle
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        """Clip ``i`` (see the class docstring).
-
-        Args:
-            i: clip number.
-        """
-        ci, first = self.windows[i]
-        clip = self.index.clips[ci]
-        handle = self._handle(clip.shard)
-        k = clip.key
-        chunks = slice(first, first + self.clip_chunks)
-        frames = slice(first * self.geometry.chunk_frames, (first + self.clip_chunks) * self.geometry.chunk_frames)
-        try:
-            segments = handle.get_tensor(f"{k}.segments").long()[chunks]
-            text = handle.get_tensor(f"{k}.text").float()
-            mask = handle.get_tensor(f"{k}.text_mask").bool()
-            item: dict[str, Any] = dict(
-                latents=handle.get_tensor(f"{k}.latents").float()[:, frames],
-                pooled=handle.get_tensor(f"{k}.pooled").float()[segments],
-                segments=segments,
-                video_id=clip.video_id,
-                first_chunk=first,
-            )
-            names = handle.keys()
-            item["revisits"] = (
-                handle.get_tensor(f"{k}.revisits").long()[chunks]
-                if f"{k}.revisits" in names
-                else torch.full_like(segments, -1)
-            )
-            if f"{k}.pose" in names and first == 0 and self.clip_chunks == self.geometry.chunks_per_clip:
-                item["pose"] = handle.get_tensor(f"{k}.pose").float()
-        except Exception as exc:
-            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ValueError(f"cannot read clip {clip.video_id} from {clip.shard}: {first_line}") from None
-        pad = self.geometry.text_len - text.shape[1]
-        item["text"] = torch.nn.functional.pad(text, (0, 0, 0, pad))[segments]
-        item["text_mask"] = torch.nn.functional.pad(mask, (0, pad), value=False)[segments]
-        return item
-
-
-def collate_latents(batch: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack :class:`LatentDataset` items B-first.
-
-    Args:
-        batch: items.
-
-    Returns:
-        dict: ``latents (B, C, L, h, w)``, ``text (B, N, Lt, D)``, ``text_mask (B, N, Lt)``,
-        ``pooled (B, N, E)``, ``segments (B, N)``, ``video_id`` list, and ``pose (B, ...)`` when every item
-        has one of the same shape.
-    """
-    out: dict[str, Any] = {
-        name: torch.stack([b[name] for b in batch])
-        for name in ("latents", "text", "text_mask", "pooled", "segments", "revisits")
-        if all(name in b for b in batch)
-    }
-    out["video_id"] = [b["video_id"] for b in batch]
-    poses = [b.get("pose") for b in batch]
-    if poses and all(p is not None for p in poses) and len({tuple(p.shape) for p in poses}) == 1:
-        out["pose"] = torch.stack(poses)
-    return out
