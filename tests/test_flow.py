@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from egolcd import flow
+from egolcd import flow, samplers
 from egolcd.flow import (
     SAMPLERS,
     add_noise,
@@ -315,9 +315,9 @@ def test_get_sampler_and_bad_sigmas() -> None:
 
 
 def test_infer_shift_fallback() -> None:
-    assert flow._infer_shift(get_sigmas(12, 5.0)) == pytest.approx(5.0, rel=1e-4)
+    assert samplers._infer_shift(get_sigmas(12, 5.0)) == pytest.approx(5.0, rel=1e-4)
     with pytest.raises(ValueError):
-        flow._infer_shift(torch.tensor([1.0, 0.9, 0.1, 0.0]))
+        samplers._infer_shift(torch.tensor([1.0, 0.9, 0.1, 0.0]))
 
 
 # --------------------------------------------------------------------------- guidance
