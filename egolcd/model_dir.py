@@ -3,11 +3,22 @@ model) and :func:`save_model_dir`, which writes the folder ``EgoLCDPipeline.from
 
 from __future__ import annotations
 
+import functools
 import json
-import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
+
+from pydantic import (
+    AfterValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    StrictBool,
+    StrictStr,
+    TypeAdapter,
+    ValidationError,
+)
 
 from . import __version__
 from .config import MemoryConfig, Preset
@@ -19,6 +30,20 @@ if TYPE_CHECKING:
 
 CONFIG_NAME = "egolcd_config.json"
 EMBEDDED_MODEL_DIR = Path(__file__).parent / "assets" / "demo"
+
+
+def _descending(steps: list[int]) -> list[int]:
+    if any(a <= b for a, b in zip(steps, steps[1:])):
+        raise ValueError("must be descending")
+    return steps
+
+
+# The value types of egolcd_config.json (pydantic, strict: an int is not a bool, a float is not a string).
+PositiveInt = Annotated[int, Strict(), Field(gt=0)]
+FiniteFloat = Annotated[float, Strict(), Field(allow_inf_nan=False)]
+StepList = Annotated[
+    list[Annotated[int, Strict(), Field(gt=0, le=1000)]], Strict(), Field(min_length=1), AfterValidator(_descending)
+]
 
 
 @dataclass
@@ -36,21 +61,24 @@ class GenerationConfig:
             ``distilled`` sampler at ``len(denoising_step_list)`` steps (``sampling_sigmas``).
     """
 
-    preset: str = "tiny"
-    text_encoder: str = "minilm"
-    text_encoder_path: str | None = None
-    text_max_length: int = 128
-    fps: int = 8
-    height: int = 64
-    width: int = 64
-    steps: int = 4
-    shift: float = 5.0
-    sampler: str = "euler"
-    guidance: float = 1.0
-    negative_prompt: str = ""
+    preset: StrictStr = "tiny"
+    text_encoder: StrictStr = "minilm"
+    text_encoder_path: StrictStr | None = None
+    text_max_length: PositiveInt = 128
+    fps: PositiveInt = 8
+    height: PositiveInt = 64
+    width: PositiveInt = 64
+    steps: PositiveInt = 4
+    shift: FiniteFloat = 5.0
+    sampler: StrictStr = "euler"
+    guidance: FiniteFloat = 1.0
+    negative_prompt: StrictStr = ""
     memory: MemoryConfig = field(default_factory=MemoryConfig)
-    denoising_step_list: list[int] | None = None
-    warp_denoising_step: bool = True
+    denoising_step_list: StepList | None = None
+    warp_denoising_step: StrictBool = True
+
+    # pydantic (from_dict): unknown keys refused (each field's type is strict)
+    __pydantic_config__ = ConfigDict(extra="forbid")
 
     @classmethod
     def from_preset(cls, preset: Preset, **overrides: Any) -> GenerationConfig:
@@ -63,48 +91,61 @@ class GenerationConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GenerationConfig:
+        """Validate a parsed ``egolcd_config.json`` (pydantic, strict types: an int is not a bool, a float
+        not a string). Raises a one-line ``ValueError`` naming the key."""
         if not isinstance(data, dict):
             raise ValueError(f"{CONFIG_NAME} must hold a JSON object, got {type(data).__name__}")
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown keys in {CONFIG_NAME}: {', '.join(unknown)}")
-        data = dict(data)
-        for name, value in data.items():  # each value has its default's type ("steps": "four" fails here)
-            default = cls.__dataclass_fields__[name].default
-            if name == "memory":
-                if not isinstance(value, dict):
-                    raise ValueError(f"{CONFIG_NAME}: memory must be an object, got {type(value).__name__}")
-                continue
-            if name == "text_encoder_path":
-                ok = value is None or isinstance(value, str)
-            elif name == "denoising_step_list":
-                ok = value is None or (
-                    isinstance(value, list) and bool(value)
-                    and all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 1000 for v in value)
-                    and all(a > b for a, b in zip(value, value[1:]))
-                )
-                if not ok:
-                    raise ValueError(
-                        f"{CONFIG_NAME}: denoising_step_list must be null or descending integers in 1..1000, got {value!r}"
-                    )
-            elif isinstance(default, bool) or isinstance(default, str):
-                ok = isinstance(value, type(default))
-            elif isinstance(default, int):
-                ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
-            elif isinstance(default, float):
-                ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-            else:
-                ok = True
-            if not ok:
-                want = "a positive integer" if isinstance(default, int) else type(default).__name__
-                raise ValueError(f"{CONFIG_NAME}: {name} must be {want}, got {value!r}")
+        memory = data.get("memory", {})
+        errors: list[dict[str, Any]] = []
+        try:
+            config = _adapter().validate_python({k: v for k, v in data.items() if k != "memory"})
+        except ValidationError as exc:
+            errors = exc.errors(include_url=False)
+        if not isinstance(memory, dict):  # its keys are MemoryConfig's (below)
+            errors.append({"loc": ("memory",), "type": "dict_type"})
+        if errors:
+            raise _config_error(errors, data)
         _check_config_values(data)
         try:
-            data["memory"] = MemoryConfig(**data.get("memory", {}))
+            return replace(config, memory=MemoryConfig(**memory))
         except TypeError as exc:  # an unknown key in "memory"
             raise ValueError(f"{CONFIG_NAME}: memory: {exc}") from None
-        return cls(**data)
+
+
+@functools.cache
+def _adapter() -> TypeAdapter[GenerationConfig]:
+    return TypeAdapter(GenerationConfig)
+
+
+_WANT = {
+    "int_type": "a positive integer",
+    "greater_than": "a positive integer",
+    "float_type": "a finite number",
+    "finite_number": "a finite number",
+    "bool_type": "bool",
+    "string_type": "str",
+}
+
+
+def _config_error(errors: list[dict[str, Any]], data: dict[str, Any]) -> ValueError:
+    """pydantic's errors as the one line of the first problem: every unknown key, else the first bad value
+    in the file's key order."""
+    unknown = sorted(str(e["loc"][0]) for e in errors if e["type"] in ("unexpected_keyword_argument", "extra_forbidden"))
+    if unknown:
+        return ValueError(f"unknown keys in {CONFIG_NAME}: {', '.join(unknown)}")
+    order = list(data)
+    first = min(errors, key=lambda e: order.index(e["loc"][0]))
+    name = str(first["loc"][0])
+    if name == "memory":
+        return ValueError(f"{CONFIG_NAME}: memory must be an object, got {type(data[name]).__name__}")
+    if name == "denoising_step_list":
+        return ValueError(
+            f"{CONFIG_NAME}: denoising_step_list must be null or descending integers in 1..1000, got {data[name]!r}"
+        )
+    want = _WANT.get(first["type"], first["msg"].lower())
+    if GenerationConfig.__dataclass_fields__[name].default is None:
+        want += " or null"
+    return ValueError(f"{CONFIG_NAME}: {name} must be {want}, got {data[name]!r}")
 
 
 def _check_config_values(data: dict[str, Any]) -> None:
