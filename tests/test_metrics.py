@@ -145,6 +145,36 @@ def test_ssim_matches_gaussian_filter_reference() -> None:
     assert float(M.ssim(a, b)) == pytest.approx(expected, rel=1e-9)
 
 
+# Values of the hand-written PSNR/SSIM that torchmetrics replaced (float64 formula; SSIM: separable 11-tap
+# Gaussian, sigma 1.5, averaged over valid positions), computed at commit 89067d8 on these inputs.
+HAND_WRITTEN = [
+    ((2, 32, 32, 3), 10, [28.505698304186758, 28.43264786615267], [0.9911994715264771, 0.9914107503547668]),
+    ((1, 40, 50, 3), 30, [19.212314638859272], [0.9245809083495113]),
+    ((1, 11, 17, 3), 60, [14.157042946242067], [0.7751571345131689]),
+]
+
+
+def test_psnr_ssim_match_the_hand_written_values() -> None:
+    rng = np.random.default_rng(16)
+    for shape, noise, psnrs, ssims in HAND_WRITTEN:
+        a = rng.integers(0, 256, shape).astype(np.uint8)
+        b = np.clip(a + rng.normal(0, noise, a.shape), 0, 255).astype(np.uint8)
+        p, q = M.psnr(a, b), M.ssim(a, b)
+        assert p.dtype == q.dtype == torch.float64 and p.shape == q.shape == (shape[0],)
+        # torchmetrics keeps log(data_range) and 10/log(10) in float32: ~1e-6 dB from the float64 formula
+        assert p.numpy() == pytest.approx(psnrs, abs=1e-5)
+        assert q.numpy() == pytest.approx(ssims, abs=1e-12)
+
+
+def test_ssim_small_images_use_a_window_that_fits() -> None:
+    rng = np.random.default_rng(2)
+    a = rng.integers(0, 256, (1, 7, 9, 3)).astype(np.uint8)
+    b = np.clip(a + rng.normal(0, 30, a.shape), 0, 255).astype(np.uint8)
+    assert 0 < float(M.ssim(a, b)) < 1 and float(M.ssim(a, a)) == pytest.approx(1.0)
+    one = rng.integers(0, 256, (1, 1, 1, 3)).astype(np.uint8)
+    assert float(M.ssim(one, one)) == pytest.approx(1.0)
+
+
 def test_revisit_exact_return_scores_higher() -> None:
     canvas, compiled = _canvas(), _compiled()
     assert compiled.revisits == {2: 0}

@@ -32,6 +32,10 @@ def psnr(
 ) -> torch.Tensor:
     """Per-image PSNR in dB, ``10 log10(range^2 / MSE)``; identical images give ``inf``.
 
+    Computed by ``torchmetrics.functional.image.peak_signal_noise_ratio`` (``dim=(1, 2, 3)``, no reduction).
+    torchmetrics keeps ``log(data_range)`` and ``10 / log(10)`` in float32, so values agree with the exact
+    float64 formula to about 1e-6 dB.
+
     Args:
         a, b: images as uint8 numpy ``(N, H, W, 3)`` or torch ``(N, C, H, W)`` in [0, data_range].
         data_range: the value range.
@@ -39,52 +43,65 @@ def psnr(
     Returns:
         ``(N,)`` float64.
     """
-    mse = ((_nchw(a) - _nchw(b)) ** 2).mean(dim=(1, 2, 3))
-    return 10.0 * torch.log10(data_range**2 / mse)
+    from torchmetrics.functional.image import peak_signal_noise_ratio  # seconds to import: only when used
+
+    x, y = _nchw(a), _nchw(b)
+    return peak_signal_noise_ratio(
+        x, y, data_range=float(data_range), reduction="none", dim=(1, 2, 3)
+    ).double()
+
+
+def _gaussian_sigma(sigma: float, side: int) -> float:
+    """``sigma``, or a narrower one whose torchmetrics window (``2 int(3.5 sigma + 0.5) + 1``) fits ``side``."""
+    if 2 * int(3.5 * sigma + 0.5) + 1 <= side:
+        return sigma
+    half = (side - 1) // 2  # the largest odd window that fits is 2 half + 1
+    return max(half / 3.5, 1e-3)
 
 
 def ssim(
     a: np.ndarray | torch.Tensor,
     b: np.ndarray | torch.Tensor,
     data_range: float = 255.0,
-    window_size: int = 11,
     sigma: float = 1.5,
 ) -> torch.Tensor:
     """Per-image SSIM (Wang et al. 2004) with a Gaussian window, on each RGB channel, averaged.
 
-    Constants ``C1 = (0.01 L)^2``, ``C2 = (0.03 L)^2``; the map is averaged over valid positions (no padding);
-    the window shrinks to the image for images smaller than it.
+    The SSIM map is ``torchmetrics.functional.image.structural_similarity_index_measure`` (Gaussian window of
+    ``2 int(3.5 sigma + 0.5) + 1`` px, 11 for ``sigma = 1.5``; ``k1 = 0.01``, ``k2 = 0.03``, so
+    ``C1 = (0.01 L)^2``, ``C2 = (0.03 L)^2``). torchmetrics averages its map over every pixel, the border
+    ones computed on a reflection-padded image; here the map is averaged over the valid positions only
+    (windows wholly inside the image), as Wang et al.'s reference and scikit-image do, which is also what this
+    function computed before it used torchmetrics. Images smaller than the window use a narrower Gaussian
+    whose window fits (before torchmetrics: the ``sigma`` Gaussian truncated to the image).
 
     Args:
         a, b: images as uint8 numpy ``(N, H, W, 3)`` or torch ``(N, C, H, W)`` in [0, data_range].
         data_range: L, the value range.
-        window_size, sigma: Gaussian window.
+        sigma: standard deviation of the Gaussian window, in pixels.
 
     Returns:
         ``(N,)`` float64 in [-1, 1]; 1 for identical images.
     """
-    x, y = _nchw(a) / data_range, _nchw(b) / data_range
-    k = min(window_size, x.shape[-2], x.shape[-1])
-    k -= 1 - k % 2
-    g = torch.exp(-((torch.arange(k, dtype=torch.float64) - (k - 1) / 2) ** 2) / (2 * sigma**2))
-    g = (g / g.sum()).tolist()
+    from torchmetrics.functional.image import structural_similarity_index_measure  # see psnr
 
-    def blur1d(t: torch.Tensor, dim: int) -> torch.Tensor:  # valid Gaussian filtering along one axis
-        n = t.shape[dim] - k + 1
-        acc = t.narrow(dim, 0, n) * g[0]
-        for j in range(1, k):
-            acc.add_(t.narrow(dim, j, n), alpha=g[j])
-        return acc
-
-    c1, c2 = 0.01**2, 0.03**2
+    x, y = _nchw(a), _nchw(b)
+    h, w = x.shape[-2:]
+    s = _gaussian_sigma(sigma, min(h, w))
+    pad = int(3.5 * s + 0.5)
     out = []
     for xi, yi in zip(x, y):  # one image at a time bounds memory at full resolution
-        maps = blur1d(blur1d(torch.stack([xi, yi, xi * xi, yi * yi, xi * yi]), -1), -2)
-        mx, my, exx, eyy, exy = maps
-        sxx, syy, sxy = exx - mx**2, eyy - my**2, exy - mx * my
-        smap = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx**2 + my**2 + c1) * (sxx + syy + c2))
-        out.append(smap.mean())
-    return torch.stack(out)
+        _, smap = structural_similarity_index_measure(
+            xi[None],
+            yi[None],
+            gaussian_kernel=True,
+            sigma=s,
+            data_range=float(data_range),
+            reduction="none",
+            return_full_image=True,
+        )
+        out.append(smap[..., pad : h - pad, pad : w - pad].mean())
+    return torch.stack(out).double()
 
 
 @dataclass
