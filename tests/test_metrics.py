@@ -275,6 +275,8 @@ def test_fvd_with_tiny_videomae(tiny_models: dict[str, Path]) -> None:
     assert abs(same) < 1e-6 and math.isfinite(other) and other > same
     out = M.evaluate_video(_pan(canvas, XS_STABLE), _drifting(canvas), fps=FPS, fvd_encoder=encoder)
     assert math.isfinite(out["fvd"]) and "fvd" not in out["skipped"]
+    weights = f"VideoMAEModel from {tiny_models['videomae']}"
+    assert out["fvd_by"] == f"{M.FVD_IMPLEMENTATION}, features of {weights}"
 
 
 def test_clip_score_with_tiny_clip(tiny_models: dict[str, Path]) -> None:
@@ -292,6 +294,7 @@ def test_skip_messages_without_models() -> None:
     canvas = _canvas()
     out = M.evaluate_video(_pan(canvas, XS_RETURN), _pan(canvas, XS_RETURN), _compiled(), fps=FPS)
     assert out["fvd"] is None and out["skipped"]["fvd"] == M.FVD_SKIP
+    assert "fvd_by" not in out
     assert out["clip_score"] is None and out["skipped"]["clip_score"] == M.CLIP_SKIP
     assert M.FVD_SKIP == "FVD needs --fvd-model PATH (local weights of a VideoMAE model); skipped"
     assert out["nrdp_subject"] == 0.0 and out["revisit_ssim"] > 0.95

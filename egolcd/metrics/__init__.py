@@ -19,7 +19,12 @@ What is measured (METHOD.md "NRDP (ours)"; the paper gives no formulas):
   static-scene filter).
 - **FVD** (CD-FVD style): Frechet distance of mean-pooled VideoMAE features of clips; **CLIP score**: mean
   cosine of CLIP image and prompt embeddings per segment. Both need local weights and are skipped with a
-  one-line message otherwise; nothing is ever downloaded.
+  one-line message otherwise; nothing is ever downloaded. The FVD is egolcd's own (``fvd_by`` in the result
+  names it and the weights); it is *not* the paper's CD-FVD reference package ``cd-fvd`` (0.1.1), which
+  cannot be installed beside our CPU torch 2.13.0: it requires ``torchvision``, imported by ``cdfvd.fvd`` even
+  with ``--no-deps``; PyPI's torchvision 0.28.0 fails to import beside the CPU torch ("operator
+  torchvision::nms does not exist") and 0.29 pulls a CUDA torch 2.14.1. Our numbers are therefore not
+  comparable with published CD-FVD values (see ``egolcd.metrics.distribution.fvd``).
 
 Modules: :mod:`.consistency` (frame consistency, flicker, drift, NRDP), :mod:`.revisit` (PSNR/SSIM of
 revisits), :mod:`.distribution` (FVD, CLIP score, local encoders), :mod:`.evaluate` (one video, a reference).
@@ -58,6 +63,7 @@ from .distribution import (
 from .evaluate import (
     CLIP_NO_NARRATIVE,
     CLIP_SKIP,
+    FVD_IMPLEMENTATION,
     FVD_NO_REFERENCE,
     FVD_SKIP,
     VideoScores,
@@ -73,6 +79,7 @@ __all__ = [
     "CLIP_SKIP",
     "CLIP_STD",
     "DESCRIPTOR_NAME",
+    "FVD_IMPLEMENTATION",
     "FVD_NO_REFERENCE",
     "FVD_SKIP",
     "FeatureFn",

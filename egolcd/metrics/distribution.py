@@ -149,6 +149,7 @@ class VideoMAEFeatures:
         self.num_frames, self.size = int(self.model.config.num_frames), int(self.model.config.image_size)
         self.mean, self.std = _norm_stats(path, IMAGENET_MEAN, IMAGENET_STD)
         self.device, self.batch_size = torch.device(device), batch_size
+        self.name = f"{type(self.model).__name__} from {Path(path).expanduser()}"
 
     @torch.no_grad()
     def __call__(self, frames: np.ndarray, stride: int | None = None) -> np.ndarray:
@@ -171,7 +172,15 @@ class VideoMAEFeatures:
 
 
 def fvd(gen_features: np.ndarray, ref_features: np.ndarray) -> float:
-    """Frechet distance between two sets of clip features ``(N, D)`` (from ``VideoMAEFeatures``)."""
+    """Frechet distance between two sets of clip features ``(N, D)`` (from ``VideoMAEFeatures``).
+
+    egolcd's own implementation, not the ``cd-fvd`` reference package (it needs torchvision, which does not
+    install beside our CPU torch; see :mod:`egolcd.metrics`). Differences from cd-fvd's VideoMAE CD-FVD,
+    which make the numbers incomparable: cd-fvd uses VideoMAE-v2 ViT-g (SSv2 fine-tuned) ``forward_features``
+    on 16-frame clips squashed to 224x224 without normalisation, and the biased covariance (1/N); here any
+    ``transformers`` ``VideoMAEModel``, short-side resize + centre crop + normalisation, the mean of the last
+    hidden states, and the unbiased covariance (1/(N-1)).
+    """
     return frechet_distance(*feature_stats(gen_features), *feature_stats(ref_features))
 
 

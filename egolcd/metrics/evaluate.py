@@ -34,6 +34,7 @@ FVD_SKIP = "FVD needs --fvd-model PATH (local weights of a VideoMAE model); skip
 FVD_NO_REFERENCE = "FVD needs --reference REF (a real video to compare with); skipped"
 CLIP_SKIP = "CLIP score needs --clip-model PATH (local weights of a CLIP model); skipped"
 CLIP_NO_NARRATIVE = "CLIP score needs --narrative N (the prompts to score against); skipped"
+FVD_IMPLEMENTATION = "egolcd frechet_distance (not the cd-fvd package)"
 
 
 # --------------------------------------------------------------------------------------- one video
@@ -147,7 +148,8 @@ def evaluate_video(
 
     Returns:
         The ``summary`` dict of ``score_video`` plus ``nrdp_subject``, ``nrdp_background`` and ``fvd``
-        (``None`` when not computable; ``skipped`` maps each skipped metric to its one-line reason).
+        (``None`` when not computable; ``skipped`` maps each skipped metric to its one-line reason); when
+        ``fvd`` is computed, ``fvd_by`` names the implementation and the feature model's weights.
     """
     frames, fps = _load_frames(video, fps)
     gen = score_video(
@@ -184,4 +186,6 @@ def evaluate_video(
         out["skipped"]["fvd"] = FVD_SKIP if fvd_encoder is None else FVD_NO_REFERENCE
     else:
         out["fvd"] = fvd(gen.fvd_features, ref.fvd_features)
+        weights = getattr(fvd_encoder, "name", type(fvd_encoder).__name__)
+        out["fvd_by"] = f"{FVD_IMPLEMENTATION}, features of {weights}"
     return out
