@@ -1,6 +1,8 @@
 """Reading narrative files: YAML (a safe, bounded loader), JSON and plain text, into a checked :class:`Narrative`.
 
 :func:`load_narrative` reads a file (the format follows the extension), :func:`parse_narrative` reads text.
+A YAML/JSON mapping is checked by pydantic models (``_NarrativeFile``, ``_SegmentFile``) whose first error
+becomes one line naming where it is (``_narrative_error``).
 """
 
 from __future__ import annotations
@@ -11,9 +13,24 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from . import limits
 from .narrative_schema import (
@@ -24,7 +41,6 @@ from .narrative_schema import (
     NarrativeError,
     Segment,
     _describe,
-    _positive_int,
     validate_narrative,
 )
 
@@ -273,49 +289,138 @@ def _clean(value: str) -> str:
     return " ".join(value.split())
 
 
-def _check_keys(mapping: dict[Any, Any], allowed: tuple[str, ...], where: str) -> None:
-    for key in mapping:
-        if key not in allowed:
-            close = difflib.get_close_matches(str(key), allowed, n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            raise NarrativeError(f"unknown field {key!r} {where} ({hint}allowed: {', '.join(allowed)})")
+# --------------------------------------------------------------------------------------- the mapping (pydantic)
+# A YAML/JSON narrative is checked by the pydantic models below; ``_narrative_error`` turns pydantic's errors
+# into the one line of the first problem, in the order a reader meets them: unknown top-level keys, then the
+# top-level fields in the models' order, then each segment (not a mapping, id, unknown keys, footage,
+# seconds, action, prompt, revisit). YAML 1.1 reads bare ``no`` as false and ``1e-4`` as a string: strict
+# types refuse both where a string or a number is wanted.
+_OVER_LIMIT = "over_limit"  # a number above an ``egolcd.limits`` limit; ctx: the limit's name and the shown value
+_MESSAGE = "narrative"  # a message of its own; ctx: the text after "<where>: ", or the whole line if bare
 
 
-def _string(value: Any, name: str, where: str) -> str:
-    if not isinstance(value, str):
-        raise NarrativeError(f"{where}: {name} must be a string, got {_describe(value)}")
-    cleaned = _clean(value)
-    if not cleaned:
-        raise NarrativeError(f"{where}: {name} must be a non-empty string")
-    return cleaned
+def _message(text: str, bare: bool = False) -> PydanticCustomError:
+    return PydanticCustomError(_MESSAGE, "{text}", {"text": text, "bare": bare})
 
 
-def _bounded_int(value: Any, name: str, where: str, limit_name: str) -> int:
-    value = _positive_int(value, name, where)
-    if value > limits.limit(limit_name):
-        shown = str(value) if value < 10**12 else f"{str(value)[:6]}... ({len(str(value))} digits)"
-        raise NarrativeError(f"{where}: " + limits.over(limit_name, name, shown))
+def _non_empty(value: str, info: ValidationInfo) -> str:
+    if not value:
+        raise _message(f"{info.field_name} must be a non-empty string")
     return value
 
 
-def _ident(value: Any, name: str, where: str) -> str:
-    if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise NarrativeError(f"{where}: {name} must be a string, got {_describe(value)}")
+def _ident(value: str | int, info: ValidationInfo) -> str:
     ident = str(value).strip()
-    if not ident:
-        raise NarrativeError(f"{where}: {name} must be a non-empty string")
-    return ident
+    return _non_empty(ident, info)
 
 
-def _size(value: Any) -> tuple[int, int]:
-    parts: Any = value.lower().split("x") if isinstance(value, str) else value
-    try:
-        width, height = (int(p) if isinstance(p, str) else p for p in parts)
-    except (TypeError, ValueError):
-        raise NarrativeError(
-            f"top level: size must be 'WIDTHxHEIGHT' or [width, height], got {_describe(value)}"
-        ) from None
-    return _positive_int(width, "size width", "top level"), _positive_int(height, "size height", "top level")
+def _shown(value: int | float, limit_name: str) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    short = value <= 10**12 if limit_name == "seconds" else value < 10**12  # as the messages always were
+    return str(value) if short else f"{str(value)[:6]}... ({len(str(value))} digits)"
+
+
+def _within(limit_name: str) -> AfterValidator:
+    def check(value: int | float) -> int | float:
+        # an int is compared as an int (float() of a 400-digit one overflows); the limit is read when checked
+        if (isinstance(value, int) or math.isfinite(value)) and value > limits.limit(limit_name):
+            raise PydanticCustomError(_OVER_LIMIT, "over limit", {"limit": limit_name, "value": _shown(value, limit_name)})
+        return value
+
+    return AfterValidator(check)
+
+
+def _size_parts(value: Any) -> Any:
+    """``'WIDTHxHEIGHT'`` (and digit strings in a list) as numbers; anything else is left to the tuple type."""
+    parts = value.lower().split("x") if isinstance(value, str) else value
+    if isinstance(parts, list):
+        try:
+            return [int(p) if isinstance(p, str) else p for p in parts]
+        except ValueError:
+            raise PydanticCustomError("tuple_type", "not a size") from None
+    return parts
+
+
+def _segment_count(value: Any) -> Any:
+    if isinstance(value, list) and not value:
+        raise _message("no segments: 'segments' is an empty list", bare=True)
+    if isinstance(value, list) and len(value) > limits.limit("segments"):
+        raise _message(limits.over("segments", "the number of segments", f"{len(value):,}"), bare=True)
+    return value
+
+
+_Strict = Field(strict=True)
+_Text = Annotated[StrictStr, AfterValidator(_clean)]
+_NonEmptyText = Annotated[_Text, AfterValidator(_non_empty)]
+_Ident = Annotated[StrictStr | StrictInt, Field(union_mode="left_to_right"), AfterValidator(_ident)]
+_PositiveInt = Annotated[int, _Strict, Field(gt=0)]
+_Side = Annotated[_PositiveInt, _within("side")]
+_Seconds = Annotated[StrictInt | StrictFloat, Field(union_mode="left_to_right"), _within("seconds")]
+
+
+class _SegmentFile(BaseModel):
+    """One item of ``segments``; ``None`` means "not given" (``seconds: null`` too, for footage)."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: _Ident | None = None
+    footage: StrictBool = False
+    seconds: _Seconds | None = None
+    action: _NonEmptyText | None = None
+    prompt: _NonEmptyText | None = None
+    revisit: _Ident | None = None
+
+    @field_validator("seconds")
+    @classmethod
+    def _seconds_given(cls, value: float | None, info: ValidationInfo) -> float | None:
+        if value is None and not info.data.get("footage", False):
+            raise PydanticCustomError("float_type", "seconds: null")  # worded by _narrative_error
+        return value
+
+    def segment(self, index: int) -> Segment:
+        seconds = self.seconds if self.seconds is not None else (0.0 if self.footage else DEFAULT_SECONDS)
+        return Segment(
+            id=f"s{index}" if self.id is None else self.id, seconds=float(seconds), action=self.action or "",
+            revisit=self.revisit, prompt=self.prompt, footage=self.footage,
+        )
+
+
+class _NarrativeFile(BaseModel):
+    """The top level of a YAML/JSON narrative (``None`` = not given)."""
+
+    model_config = ConfigDict(extra="forbid")
+    scene: _Text | None = None
+    style: _Text | None = None
+    actor: _NonEmptyText | None = None
+    fps: Annotated[_PositiveInt, _within("fps")] | None = None
+    width: _Side | None = None
+    height: _Side | None = None
+    size: Annotated[tuple[_Side, _Side], BeforeValidator(_size_parts)] | None = None
+    segments: Annotated[list[_SegmentFile], _Strict, BeforeValidator(_segment_count)]
+
+    @field_validator("size")
+    @classmethod
+    def _size_agrees(cls, size: tuple[int, int] | None, info: ValidationInfo) -> tuple[int, int] | None:
+        given = (info.data.get("width"), info.data.get("height"))
+        if size is not None and any(g is not None and g != s for g, s in zip(given, size)):
+            raise _message(f"size {size[0]}x{size[1]} contradicts width/height")
+        return size
+
+    def narrative(self) -> Narrative:
+        given = {k: getattr(self, k) for k in ("scene", "style", "actor", "fps")}
+        kw: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
+        width, height = self.size or (self.width, self.height)
+        segments = [s.segment(i) for i, s in enumerate(self.segments, 1)]
+        _check_total_seconds(segments)
+        return Narrative(segments=segments, width=width, height=height, **kw)
+
+
+_TOP = tuple(_NarrativeFile.model_fields)
+_SEGMENT = ("id", "<unknown>", *(f for f in _SegmentFile.model_fields if f != "id"))
+_WANT = {"fps": "a positive integer", "width": "a positive integer", "height": "a positive integer",
+         "size width": "a positive integer", "size height": "a positive integer", "seconds": "a number",
+         "footage": "true or false", "segments": "a list"}  # else "a string"
+_UNKNOWN = ("extra_forbidden", "invalid_key")
 
 
 def _from_mapping(data: Any) -> Narrative:
@@ -323,60 +428,55 @@ def _from_mapping(data: Any) -> Narrative:
         raise NarrativeError("the narrative is empty: expected a mapping with a 'segments' list")
     if not isinstance(data, dict):
         raise NarrativeError(f"top level must be a mapping with a 'segments' list, got {type(data).__name__}")
-    _check_keys(data, TOP_LEVEL_FIELDS, "at top level")
-    top = "top level"
-    kw: dict[str, Any] = {}
-    for name in ("scene", "style"):
-        if data.get(name) is not None:
-            if not isinstance(data[name], str):
-                raise NarrativeError(f"{top}: {name} must be a string, got {_describe(data[name])}")
-            kw[name] = _clean(data[name])
-    if data.get("actor") is not None:
-        kw["actor"] = _string(data["actor"], "actor", top)
-    for name in ("fps", "width", "height"):
-        if data.get(name) is not None:
-            kw[name] = _bounded_int(data[name], name, top, "fps" if name == "fps" else "side")
-    if data.get("size") is not None:
-        width, height = _size(data["size"])
-        _bounded_int(width, "size width", top, "side"), _bounded_int(height, "size height", top, "side")
-        if kw.get("width", width) != width or kw.get("height", height) != height:
-            raise NarrativeError(f"top level: size {width}x{height} contradicts width/height")
-        kw["width"], kw["height"] = width, height
-    if "segments" not in data:
-        raise NarrativeError("missing field 'segments' at top level")
-    raw = data["segments"]
-    if not isinstance(raw, list):
-        raise NarrativeError(f"top level: segments must be a list, got {_describe(raw)}")
-    if not raw:
-        raise NarrativeError("no segments: 'segments' is an empty list")
-    if len(raw) > limits.limit("segments"):
-        raise NarrativeError(limits.over("segments", "the number of segments", f"{len(raw):,}"))
-    segments = [_segment(item, i) for i, item in enumerate(raw, 1)]
-    _check_total_seconds(segments)
-    return Narrative(segments=segments, **kw)
+    try:
+        return _NarrativeFile.model_validate(data).narrative()
+    except ValidationError as exc:
+        raise _narrative_error(exc.errors(include_url=False), data) from None
 
 
-def _segment(item: Any, index: int) -> Segment:
-    if not isinstance(item, dict):
-        raise NarrativeError(
-            f"segment {index}: expected a mapping (id, seconds, action, ...), got {_describe(item)}"
-        )
-    sid = f"s{index}" if item.get("id") is None else _ident(item["id"], "id", f"segment {index}")
-    where = f"segment {index} ({sid!r})"
-    _check_keys(item, SEGMENT_FIELDS, f"in {where}")
-    footage = item.get("footage", False)
-    if not isinstance(footage, bool):
-        raise NarrativeError(f"{where}: footage must be true or false, got {_describe(footage)}")
-    seconds = item.get("seconds", 0.0 if footage else DEFAULT_SECONDS)
-    if seconds is None and footage:
-        seconds = 0.0
-    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
-        raise NarrativeError(f"{where}: seconds must be a number, got {_describe(seconds)}")
-    if isinstance(seconds, int) and seconds > limits.limit("seconds"):  # float() of a 400-digit int overflows
-        raise NarrativeError(f"{where}: " + limits.over("seconds", "seconds", f"{str(seconds)[:6]}... ({len(str(seconds))} digits)" if seconds > 10**12 else seconds))
-    if math.isfinite(seconds) and seconds > limits.limit("seconds"):
-        raise NarrativeError(f"{where}: " + limits.over("seconds", "seconds", f"{seconds:g}"))
-    action = _string(item["action"], "action", where) if item.get("action") is not None else ""
-    prompt = _string(item["prompt"], "prompt", where) if item.get("prompt") is not None else None
-    revisit = _ident(item["revisit"], "revisit", where) if item.get("revisit") is not None else None
-    return Segment(id=sid, seconds=float(seconds), action=action, revisit=revisit, prompt=prompt, footage=footage)
+def _rank(error: dict[str, Any]) -> tuple[Any, ...]:
+    loc, kind = error["loc"], error["type"]
+    if kind in _UNKNOWN and len(loc) == 1:
+        return (0,)
+    if loc[0] == "segments" and len(loc) > 1:  # a segment: (index, field) in the order they are checked
+        field = "<unknown>" if kind in _UNKNOWN else loc[2] if len(loc) > 2 else "id"
+        return (1, _TOP.index("segments"), loc[1], -1 if len(loc) == 2 else _SEGMENT.index(field))
+    return (1, _TOP.index(loc[0]), -1, kind == _OVER_LIMIT, *loc[1:2])  # size: both parts' types first
+
+
+def _unknown_field(mapping: dict[Any, Any], allowed: tuple[str, ...], where: str) -> str:
+    key = next(k for k in mapping if k not in allowed)
+    close = difflib.get_close_matches(str(key), allowed, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return f"unknown field {key!r} {where} ({hint}allowed: {', '.join(allowed)})"
+
+
+def _narrative_error(errors: list[dict[str, Any]], data: dict[str, Any]) -> NarrativeError:
+    """The first of pydantic's ``errors`` (see ``_rank``) as one line naming where it is."""
+    error = min(errors, key=_rank)
+    loc, kind, ctx = error["loc"], error["type"], error.get("ctx", {})
+    if kind in _UNKNOWN and len(loc) == 1:
+        return NarrativeError(_unknown_field(data, TOP_LEVEL_FIELDS, "at top level"))
+    if kind == "missing" and len(loc) == 1:
+        return NarrativeError(f"missing field {loc[0]!r} at top level")
+    where, name, value = "top level", str(loc[0]), data[loc[0]]
+    if loc[0] == "segments" and len(loc) > 1:
+        index, item = loc[1] + 1, value[loc[1]]
+        if len(loc) == 2:
+            return NarrativeError(
+                f"segment {index}: expected a mapping (id, seconds, action, ...), got {_describe(item)}"
+            )
+        sid = f"s{index}" if item.get("id") is None else str(item["id"]).strip()
+        where = f"segment {index}" if loc[2] == "id" else f"segment {index} ({sid!r})"
+        if kind in _UNKNOWN:
+            return NarrativeError(_unknown_field(item, SEGMENT_FIELDS, f"in {where}"))
+        name, value = str(loc[2]), item[loc[2]]
+    elif loc[0] == "size" and len(loc) > 1 and kind != "missing":  # a part; a missing part: the shape
+        name, value = ("size width", "size height")[loc[1]], error["input"]
+    if kind == _MESSAGE:
+        return NarrativeError(ctx["text"] if ctx["bare"] else f"{where}: {ctx['text']}")
+    if kind == _OVER_LIMIT:
+        return NarrativeError(f"{where}: " + limits.over(ctx["limit"], name, ctx["value"]))
+    if name == "size":
+        return NarrativeError(f"{where}: size must be 'WIDTHxHEIGHT' or [width, height], got {_describe(value)}")
+    return NarrativeError(f"{where}: {name} must be {_WANT.get(name, 'a string')}, got {_describe(value)}")
