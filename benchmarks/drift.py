@@ -143,12 +143,16 @@ def _generate(job: tuple[int, dict, str, int, int]) -> tuple[int, str, int, np.n
 
 
 # ------------------------------------------------------------------------------------------ memory gate
-def memory_gate(pipe: Any, episodes: list[dict], reals: list[np.ndarray], seed: int = 0) -> dict[str, float]:
-    """Teacher-forced flow loss on revisit chunks: own long-term store vs another episode's vs none."""
+def memory_gate(
+    pipe: Any, episodes: list[dict], reals: list[np.ndarray], seed: int = 0, noise_level: float = 0.6
+) -> dict[str, float]:
+    """Teacher-forced flow loss on revisit chunks at one noise level: own long-term store vs another
+    episode's vs none."""
     import torch
 
     from egolcd.losses import teacher_forcing_loss
     from egolcd.memory import MemoryPolicy
+    from egolcd.revisits import bootstrap_mean_ci
 
     policy = MemoryPolicy(pipe.config.memory, pipe.chunk_frames)
     k = pipe.chunk_frames
@@ -167,7 +171,7 @@ def memory_gate(pipe: Any, episodes: list[dict], reals: list[np.ndarray], seed: 
         text = [emb.tokens[s : s + 1].to(pipe.transformer.dtype) for s in segs]
         pooled = [keys[s : s + 1] for s in segs]
         eps = torch.randn(x0.shape, generator=g)
-        t = torch.full((1, n), 0.6)  # one mid noise level for every chunk (the same in all three runs)
+        t = torch.full((1, n), noise_level)  # one noise level for every chunk (the same in all three runs)
         revisit_chunks = [
             i for i, s in enumerate(segs)
             if s in c.revisits and any(segs[q] == c.revisits[s] for q in range(0, max(0, i - policy.window_chunks)))
@@ -187,9 +191,11 @@ def memory_gate(pipe: Any, episodes: list[dict], reals: list[np.ndarray], seed: 
     own = [loss(r, None) for r in runs]
     swapped = [loss(r, runs[(j + 1) % len(runs)]["stores"]) for j, r in enumerate(runs)]
     none = [loss(r, [[] for _ in r["segs"]]) for r in runs]
-    flat = lambda xs: [v for x in xs for v in x]  # noqa: E731
+    flat = lambda xs: np.array([v for x in xs for v in x])  # noqa: E731
+    gap = (flat(swapped) - flat(own)) / flat(own)  # per revisit chunk: how much worse another episode's store is
     return {"own_store": float(np.mean(flat(own))), "swapped_store": float(np.mean(flat(swapped))),
-            "no_long_term_store": float(np.mean(flat(none))), "revisit_chunks": len(flat(own))}
+            "no_long_term_store": float(np.mean(flat(none))), "revisit_chunks": len(flat(own)),
+            "swapped_over_own": bootstrap_mean_ci(gap), "noise_level": noise_level}
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -205,6 +211,9 @@ def main() -> None:
     parser.add_argument("--out", default="outputs/drift")
     parser.add_argument("--gate-only", action="store_true",
                         help="only the teacher-forced memory gate (a minute; for checkpoints during training)")
+    parser.add_argument("--gate-t", default="0.6,0.9",
+                        help="noise levels of the memory gate (comma-separated; at low noise the noisy latent "
+                             "already shows most of the chunk, so memory matters most at high noise)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     import torch
@@ -225,9 +234,10 @@ def main() -> None:
 
     if args.gate_only:
         reals = [read_video(ep["video"])[0] for ep in episodes]
-        gate = memory_gate(pipe, episodes, reals)
-        logger.info("memory gate: %s", gate)
-        (out / "gate.json").write_text(json.dumps(gate, indent=2))
+        gates = {t: memory_gate(pipe, episodes, reals, noise_level=float(t)) for t in args.gate_t.split(",")}
+        for t, gate in gates.items():
+            logger.info("memory gate t=%s: %s", t, gate)
+        (out / "gate.json").write_text(json.dumps(gates, indent=2))
         return
 
     # 1. Real footage: its own revisit consistency, and through the VAE (the ceiling)
@@ -247,9 +257,10 @@ def main() -> None:
         logger.info("%s VAE reconstruction %.2f dB, revisit ceiling %.2f dB (chance %.2f)", ep["video_id"],
                     ceiling[-1]["vae_reconstruction_psnr"], s_vae["revisit_psnr"], s_vae["chance_psnr"])
 
-    # 2. The memory gate (teacher forcing on the real held-out latents)
-    gate = memory_gate(pipe, episodes, reals)
-    logger.info("memory gate: %s", gate)
+    # 2. The memory gate (teacher forcing on the real held-out latents), at each noise level
+    gates = {t: memory_gate(pipe, episodes, reals, noise_level=float(t)) for t in args.gate_t.split(",")}
+    for t, gate in gates.items():
+        logger.info("memory gate t=%s: %s", t, gate)
 
     # 3. Generation: every (episode, policy, seed), in worker processes
     jobs = [(i, ep, p, s, args.steps) for i, ep in enumerate(episodes) for s in seeds for p in policies]
@@ -302,13 +313,16 @@ def main() -> None:
               "| paired difference (revisit PSNR) | mean (dB) | 95% bootstrap CI |", "|---|---|---|"]
     for name, (m, lo, hi) in diffs.items():
         lines.append(f"| {name} | {m:+.2f} | [{lo:+.2f}, {hi:+.2f}] |")
-    lines += ["", f"Memory gate (teacher-forced flow loss on {gate['revisit_chunks']} held-out revisit chunks, t = 0.6): "
-              f"own store {gate['own_store']:.4f}, another episode's store {gate['swapped_store']:.4f}, "
-              f"no long-term store {gate['no_long_term_store']:.4f}"]
+    lines += ["", "| memory gate: teacher-forced flow loss on held-out revisit chunks | own store | another episode's "
+              "store | no long-term store | (swapped - own) / own, 95% CI |", "|---|---|---|---|---|"]
+    for t, g in gates.items():
+        m, lo, hi = g["swapped_over_own"]
+        lines.append(f"| t = {t}, {g['revisit_chunks']} chunks | {g['own_store']:.4f} | {g['swapped_store']:.4f} | "
+                     f"{g['no_long_term_store']:.4f} | {100 * m:+.1f}% [{100 * lo:+.1f}, {100 * hi:+.1f}] |")
     (out / "drift.md").write_text("\n".join(lines) + "\n")
     per_run = [{"episode": episodes[i]["video_id"], "policy": p, "seed": s, **v} for (i, p, s), v in sorted(results.items())]
     (out / "drift.json").write_text(json.dumps({"table": table, "differences": diffs, "ceiling": summary,
-                                                "per_episode_ceiling": ceiling, "memory_gate": gate,
+                                                "per_episode_ceiling": ceiling, "memory_gate": gates,
                                                 "episodes": len(episodes), "seeds": seeds, "steps": args.steps,
                                                 "runs": per_run}, indent=1))
     _strip(out / "strip.png", episodes[0], strip_videos, reals[0])
