@@ -175,8 +175,7 @@ class VideoWriter:
         threads: encoder threads. x264's output depends on its thread count (sliced threads cut each
             frame into one slice per thread) and its automatic count follows the CPUs this process may
             use, so the default, 1, makes the bytes a function of the frames alone: same frames in, same
-            file out, on any machine. The count is passed to x264's lookahead too (``lookahead-threads``):
-            left automatic, it made the first encode in a process that also ran torch differ from later ones. More threads encode faster, reproducibly only for the same count.
+            file out, on any machine. More threads encode faster, reproducibly only for the same count.
 
     A run killed with ``kill -9`` leaves its hidden ``.NAME.PID-XXXX.partial.mp4`` behind; the next writer
     to the same output removes those of processes that no longer exist.
@@ -227,8 +226,6 @@ class VideoWriter:
         try:
             self._container = av.open(str(self._tmp), mode="w")
             options = {"crf": str(crf)} if crf is not None and codec in _CRF_CODECS else {}
-            if codec == "libx264":  # the thread count reaches x264's lookahead too: same frames, same bytes
-                options["x264-params"] = f"threads={int(threads)}:lookahead-threads={int(threads)}"
             self._stream = self._container.add_stream(codec, rate=self.fps, options=options)
             self._stream.width, self._stream.height, self._stream.pix_fmt = self.width, self.height, pix_fmt
             self._stream.codec_context.thread_count = int(threads)

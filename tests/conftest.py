@@ -14,3 +14,34 @@ def one_thread_module():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def encoded_frames(monkeypatch):
+    """The uint8 frames each ``VideoWriter`` hands to its encoder, by output file name (``{name: (T, H, W, 3)}``).
+
+    In-process tests compare these, not the mp4 bytes: on the CI machine the same frames encoded twice by
+    x264 in one process that also runs torch have decoded differently (one frame, by ~11 levels), so file
+    bytes only reproduce across fresh processes (``test_two_cli_runs_and_a_killed_resumed_run_...``).
+    """
+    import numpy as np
+
+    from egolcd import video_io
+
+    written: dict[str, list] = {}
+    encode = video_io.VideoWriter.write
+
+    def record(self, frames, layout="CTHW"):
+        written.setdefault(self.path.name, []).append(video_io.to_uint8_frames(frames, layout).copy())
+        return encode(self, frames, layout)
+
+    monkeypatch.setattr(video_io.VideoWriter, "write", record)
+
+    class Frames(dict):
+        def __getitem__(self, name: str):
+            return np.concatenate(written[name])
+
+        def __contains__(self, name: object) -> bool:
+            return name in written
+
+    return Frames()

@@ -142,7 +142,7 @@ def test_image_is_a_one_chunk_still_clip(pipe, tmp_path):
     assert result.num_frames == 5 + 8  # the photo repeated to one chunk (5 frames), then the segment
 
 
-def test_extended_run_equals_one_run_of_the_whole_narrative(pipe, tmp_path, monkeypatch):
+def test_extended_run_equals_one_run_of_the_whole_narrative(pipe, tmp_path, encoded_frames):
     """Run 3 segments, then resume with 2 appended: == one run of all 5 (same seed), frame for frame.
     Explicit prompts: compiled prompts say "Step j of J", which an extension changes (see the docs)."""
     segs = [("a", 1.5, "a white sink"), ("b", 1.25, "a red kettle"), ("c", 1.0, "a blue door"),
@@ -150,16 +150,6 @@ def test_extended_run_equals_one_run_of_the_whole_narrative(pipe, tmp_path, monk
     lines = [f"  - {{id: {i}, seconds: {s}, action: looks at {p}, prompt: A view of {p}.}}" for i, s, p in segs]
     first = "fps: 8\nsegments:\n" + "\n".join(lines[:3]) + "\n"
     whole = "fps: 8\nsegments:\n" + "\n".join(lines) + "\n"
-    from egolcd import video_io
-
-    written: dict[str, list[np.ndarray]] = {}  # the uint8 frames each run hands to its mp4 encoder
-    encode = video_io.VideoWriter.write
-
-    def record(self, frames, layout="CTHW"):
-        written.setdefault(self.path.name, []).append(video_io.to_uint8_frames(frames, layout).copy())
-        return encode(self, frames, layout)
-
-    monkeypatch.setattr(video_io.VideoWriter, "write", record)
     full: list[torch.Tensor] = []
     pipe(parse_narrative(whole, "yaml"), tmp_path / "whole.mp4", steps=1, seed=3, progress=False,
          callback=lambda r, f: full.append(f.clone()))
@@ -177,11 +167,11 @@ def test_extended_run_equals_one_run_of_the_whole_narrative(pipe, tmp_path, monk
     for a, b in zip(full[start:], new, strict=True):
         assert torch.equal(a, b)
     # the extended run writes the whole run's frames, the re-decoded old ones included, bit for bit
-    assert np.array_equal(np.concatenate(written["extended.mp4"]), np.concatenate(written["whole.mp4"]))
+    assert np.array_equal(encoded_frames["extended.mp4"], encoded_frames["whole.mp4"])
     whole_video, _ = read_video(tmp_path / "whole.mp4")
     extended_video, _ = read_video(tmp_path / "extended.mp4")
     assert extended_video.shape == whole_video.shape  # (the files may differ by x264's run-to-run noise)
-    assert frame_psnr(extended_video, whole_video) > 40.0
+    assert frame_psnr(extended_video, whole_video) > 35.0  # frames that differ at all: > 35 dB
     # a changed saved segment is refused, in one line
     changed = whole.replace("looks at a red kettle", "looks at a red pan")
     with pytest.raises(ValueError, match=r"segment 2 \('b'\) differs from the saved run's"):
