@@ -32,6 +32,7 @@ import multiprocessing as mp
 import os
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -144,10 +145,10 @@ def _generate(job: tuple[int, dict, str, int, int]) -> tuple[int, str, int, np.n
 
 # ------------------------------------------------------------------------------------------ memory gate
 def memory_gate(
-    pipe: Any, episodes: list[dict], reals: list[np.ndarray], seed: int = 0, noise_level: float = 0.6
-) -> dict[str, float]:
-    """Teacher-forced flow loss on revisit chunks at one noise level: own long-term store vs another
-    episode's vs none."""
+    pipe: Any, episodes: list[dict], reals: list[np.ndarray], noise_levels: Sequence[float] = (0.6,), seed: int = 0
+) -> dict[str, dict]:
+    """Teacher-forced flow loss on revisit chunks, per noise level (keyed ``f"{t:g}"``): own long-term store vs
+    another episode's vs none. Latents, prompts and noise are prepared once for every level."""
     import torch
 
     from egolcd.losses import teacher_forcing_loss
@@ -171,31 +172,35 @@ def memory_gate(
         text = [emb.tokens[s : s + 1].to(pipe.transformer.dtype) for s in segs]
         pooled = [keys[s : s + 1] for s in segs]
         eps = torch.randn(x0.shape, generator=g)
-        t = torch.full((1, n), noise_level)  # one noise level for every chunk (the same in all three runs)
         revisit_chunks = [
             i for i, s in enumerate(segs)
             if s in c.revisits and any(segs[q] == c.revisits[s] for q in range(0, max(0, i - policy.window_chunks)))
         ]
-        runs.append(dict(x0=x0, eps=eps, t=t, text=text, pooled=pooled, segs=segs, revisits=c.revisits,
+        runs.append(dict(x0=x0, eps=eps, text=text, pooled=pooled, segs=segs, revisits=c.revisits,
                          chunks=revisit_chunks))
 
-    def loss(run: dict, override: list | None) -> list[float]:
+    def loss(run: dict, level: float, override: list | None) -> list[float]:
+        t = torch.full((1, len(run["segs"])), level)  # one noise level for every chunk (the same in all three runs)
         with torch.no_grad():
-            out = teacher_forcing_loss(pipe.transformer, policy, run["x0"], run["eps"], run["t"], run["text"],
+            out = teacher_forcing_loss(pipe.transformer, policy, run["x0"], run["eps"], t, run["text"],
                                        run["pooled"], run["segs"], run["revisits"], long_term_override=override)
         run.setdefault("stores", out.stores)
         v = [((out.predictions[i] - (run["eps"] - run["x0"])[:, :, i * k : (i + 1) * k]) ** 2).mean().item()
              for i in run["chunks"]]
         return v
 
-    own = [loss(r, None) for r in runs]
-    swapped = [loss(r, runs[(j + 1) % len(runs)]["stores"]) for j, r in enumerate(runs)]
-    none = [loss(r, [[] for _ in r["segs"]]) for r in runs]
     flat = lambda xs: np.array([v for x in xs for v in x])  # noqa: E731
-    gap = (flat(swapped) - flat(own)) / flat(own)  # per revisit chunk: how much worse another episode's store is
-    return {"own_store": float(np.mean(flat(own))), "swapped_store": float(np.mean(flat(swapped))),
+    gates = {}
+    for level in noise_levels:
+        own = [loss(r, level, None) for r in runs]
+        swapped = [loss(r, level, runs[(j + 1) % len(runs)]["stores"]) for j, r in enumerate(runs)]
+        none = [loss(r, level, [[] for _ in r["segs"]]) for r in runs]
+        gap = (flat(swapped) - flat(own)) / flat(own)  # per revisit chunk: how much worse another episode's store is
+        gates[f"{level:g}"] = {
+            "own_store": float(np.mean(flat(own))), "swapped_store": float(np.mean(flat(swapped))),
             "no_long_term_store": float(np.mean(flat(none))), "revisit_chunks": len(flat(own)),
-            "swapped_over_own": bootstrap_mean_ci(gap), "noise_level": noise_level}
+            "swapped_over_own": bootstrap_mean_ci(gap), "noise_level": level}
+    return gates
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -232,35 +237,29 @@ def main() -> None:
     policies, seeds = args.policies.split(","), [int(s) for s in args.seeds.split(",")]
     logger.info("%d episodes x %d seeds x %d policies", len(episodes), len(seeds), len(policies))
 
+    # 1. The memory gate (teacher forcing on the real held-out latents), at each noise level
+    reals = [read_video(ep["video"])[0] for ep in episodes]
+    gates = memory_gate(pipe, episodes, reals, [float(t) for t in args.gate_t.split(",")])
+    for t, gate in gates.items():
+        logger.info("memory gate t=%s: %s", t, gate)
     if args.gate_only:
-        reals = [read_video(ep["video"])[0] for ep in episodes]
-        gates = {t: memory_gate(pipe, episodes, reals, noise_level=float(t)) for t in args.gate_t.split(",")}
-        for t, gate in gates.items():
-            logger.info("memory gate t=%s: %s", t, gate)
         (out / "gate.json").write_text(json.dumps(gates, indent=2))
         return
 
-    # 1. Real footage: its own revisit consistency, and through the VAE (the ceiling)
-    reals, ceiling = [], []
-    for ep in episodes:
-        real, _ = read_video(ep["video"])
+    # 2. Real footage: its own revisit consistency, and through the VAE (the ceiling)
+    ceiling = []
+    for ep, real in zip(episodes, reals):
         n = len(real) - (len(real) - 1) % pipe.vae.temporal_factor  # 4k + 1 frames
         video = torch.from_numpy(real[:n]).permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0
         with torch.no_grad():
             rec = pipe.vae.decode(pipe.vae.encode(video.to(pipe.vae.device, pipe.vae.dtype)))
         rec = ((rec[0].permute(1, 2, 3, 0).float().clamp(-1, 1) + 1) * 127.5).round().byte().cpu().numpy()
-        reals.append(real)
         s_real, s_vae = score(real, ep), score(rec, ep)
         ceiling.append(dict(video_id=ep["video_id"], vae_reconstruction_psnr=frame_psnr(rec, real[: len(rec)]),
                             real_revisit_psnr=s_real["revisit_psnr"], real_chance_psnr=s_real["chance_psnr"],
                             vae_revisit_psnr=s_vae["revisit_psnr"], vae_chance_psnr=s_vae["chance_psnr"]))
         logger.info("%s VAE reconstruction %.2f dB, revisit ceiling %.2f dB (chance %.2f)", ep["video_id"],
                     ceiling[-1]["vae_reconstruction_psnr"], s_vae["revisit_psnr"], s_vae["chance_psnr"])
-
-    # 2. The memory gate (teacher forcing on the real held-out latents), at each noise level
-    gates = {t: memory_gate(pipe, episodes, reals, noise_level=float(t)) for t in args.gate_t.split(",")}
-    for t, gate in gates.items():
-        logger.info("memory gate t=%s: %s", t, gate)
 
     # 3. Generation: every (episode, policy, seed), in worker processes
     jobs = [(i, ep, p, s, args.steps) for i, ep in enumerate(episodes) for s in seeds for p in policies]
