@@ -34,6 +34,10 @@ class MemoryConfig:
             copied back per chunk.
         importance_query_stride: importance (attention mass received) is averaged over every s-th query
             of the chunk: 1 is exact (METHOD.md); s > 1 is an unbiased estimate at 1/s of that pass's cost.
+        align_revisits: the j-th chunk of a segment that revisits an earlier one reads that segment's
+            entries ranked by how far their place in it is from j, the nearest in the slot next to the sink
+            (a fixed offset from the current chunk); ``False``: forced entries most recent first, all
+            retrieved slots in time order (METHOD.md, "Retrieve").
     """
 
     policy: str = "egolcd"
@@ -46,6 +50,7 @@ class MemoryConfig:
     max_tokens: int | None = None
     offload_long_term: str | None = None
     importance_query_stride: int = 1
+    align_revisits: bool = True
 
     def __post_init__(self) -> None:
         if self.policy not in MEMORY_POLICIES:

@@ -193,22 +193,40 @@ class LongTermSparseKVCache:
         threshold: float | None = None,
         forced_segments: Sequence[int] = (),
         skip_segment: int | None = None,
+        progress: int | None = None,
     ) -> list[tuple[MemoryChunk, float]]:
         """At most ``top_m`` entries to read for a prompt embedding ``query`` ``(B, E)``.
 
-        Entries of ``forced_segments`` (a narrative's ``revisit:``) are taken first, most recent first, and
-        count inside ``top_m``; the remaining slots go to the highest cosine similarity (mean over the
-        batch, optionally thresholded) among entries not of ``skip_segment`` (the chunk's own segment,
-        whose entries have just left the window). So a chunk never reads more than ``top_m`` entries, in
-        training as at inference (METHOD.md, "Revisions"). Returned in time order, each with its
-        similarity.
+        Entries of ``forced_segments`` (a narrative's ``revisit:``) are taken first and count inside
+        ``top_m``; the remaining slots go to the highest cosine similarity (mean over the batch, optionally
+        thresholded) among entries not of ``skip_segment`` (the chunk's own segment, whose entries have just
+        left the window). So a chunk never reads more than ``top_m`` entries, in training as at inference.
+
+        ``progress=None``: forced entries most recent first; everything returned in time order.
+        ``progress=j`` (the reading chunk is the j-th of its segment): forced entries are ranked by how far
+        their place in their segment is from ``j``; the similarity picks come first (time order), then the
+        forced entries, farthest first, so the one aligned with ``j`` is always the last slot (METHOD.md,
+        "Retrieve"). Each entry comes with its similarity.
         """
         if not self.entries or top_m <= 0:
             return []
         keys = torch.stack([e.embedding.float() for e in self.entries], dim=1)  # (B, M, E)
         sims = torch.nn.functional.cosine_similarity(query.float()[:, None], keys, dim=-1).mean(0)  # (M,)
         forced = [i for i, e in enumerate(self.entries) if e.segment in forced_segments]
-        chosen = sorted(forced, key=lambda i: self.entries[i].chunk, reverse=True)[:top_m]
+        if progress is None:
+            chosen = sorted(forced, key=lambda i: self.entries[i].chunk, reverse=True)[:top_m]
+        else:
+            first = {}
+            for i in forced:
+                seg, chunk = self.entries[i].segment, self.entries[i].chunk
+                first[seg] = min(first.get(seg, chunk), chunk)
+
+            def distance(i: int) -> tuple[int, int]:
+                e = self.entries[i]
+                return abs(e.chunk - first[e.segment] - progress), -e.chunk
+
+            chosen = sorted(forced, key=distance)[:top_m]
+        n_forced = len(chosen)
         order = torch.argsort(sims, descending=True, stable=True).tolist()
         for i in order:
             if len(chosen) >= top_m:
@@ -217,7 +235,10 @@ class LongTermSparseKVCache:
                 continue
             if threshold is None or sims[i] >= threshold:
                 chosen.append(i)
-        chosen.sort(key=lambda i: self.entries[i].chunk)
+        if progress is None:
+            chosen.sort(key=lambda i: self.entries[i].chunk)
+        else:  # similarity picks in time order, then the forced ones with the aligned entry last
+            chosen = sorted(chosen[n_forced:], key=lambda i: self.entries[i].chunk) + chosen[:n_forced][::-1]
         return [(self.entries[i], float(sims[i])) for i in chosen]
 
 
@@ -312,6 +333,15 @@ class MemoryPolicy:
         )
 
     # ------------------------------------------------------------------ read
+    @staticmethod
+    def segment_progress(state: MemoryState, segment: int | None) -> int:
+        """Which chunk of its segment chunk ``state.chunk`` is (0: the first), from the earliest chunk of
+        ``segment`` still held in the window, sink or store (0 when none is)."""
+        sink = [state.window.sink_chunk] if state.window.sink_chunk else []
+        held = state.window.chunks + sink + state.store.entries
+        starts = [c.chunk for c in held if segment is not None and c.segment == segment]
+        return state.chunk - min(starts) if starts else 0
+
     def context(
         self,
         state: MemoryState,
@@ -335,8 +365,9 @@ class MemoryPolicy:
         abs_start = state.chunk * k
         retrieved = []
         if self.long_term and self.config.top_m > 0:
+            progress = self.segment_progress(state, segment) if revisit and self.config.align_revisits else None
             retrieved = state.store.retrieve(
-                embedding, self.config.top_m, self.config.threshold, revisit, skip_segment=segment
+                embedding, self.config.top_m, self.config.threshold, revisit, skip_segment=segment, progress=progress
             )
         slots: list[tuple[str, MemoryChunk, float | None]] = [("retrieved", e, s) for e, s in retrieved]
         sink = state.window.sink_chunk

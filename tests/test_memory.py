@@ -92,6 +92,46 @@ def test_forced_entries_most_recent_first_and_top_m_skips_the_current_segment():
     assert [x.chunk for x, _ in got] == [3]
 
 
+def test_aligned_revisit_puts_the_entry_at_the_same_place_in_its_segment_next_to_the_sink():
+    store = LongTermSparseKVCache(keep_ratio=0.5, max_entries=10)
+    for c in range(6):  # chunk 0: segment 0; chunks 1-3: segment 1 (the place revisited); chunks 4-5: segment 2
+        item = fake_chunk(c, unit([1, 0, 0]) if c < 4 else unit([0, 1, 0]))
+        item.segment = 0 if c == 0 else (1 if c < 4 else 2)
+        store.write(item)
+    for j, aligned in [(0, 1), (1, 2), (2, 3), (7, 3)]:  # a revisit longer than the first visit: its last chunk
+        got = store.retrieve(unit([0, 1, 0]), top_m=3, forced_segments=[1], skip_segment=9, progress=j)
+        assert got[-1][0].chunk == aligned and len(got) == 3
+        assert all(e.segment == 1 for e, _ in got)
+    got = store.retrieve(unit([0, 1, 0]), top_m=3, forced_segments=[1], progress=0)
+    assert [e.chunk for e, _ in got][-1] == 1
+    got = store.retrieve(unit([0, 1, 0]), top_m=2, forced_segments=[1], progress=1)
+    assert [e.chunk for e, _ in got] == [3, 2]  # ties: the later entry first
+    # one forced entry + similarity picks: the picks first, in time order, the aligned entry last
+    got = store.retrieve(unit([0, 1, 0]), top_m=1 + 2, forced_segments=[0], progress=0)
+    assert [e.chunk for e, _ in got] == [4, 5, 0]
+
+
+def test_policy_reads_the_aligned_first_visit_chunk_at_a_fixed_offset():
+    """Each chunk of a revisit finds the first-visit chunk at the same place in its segment at one fixed
+    frame offset, whatever else is retrieved: the offset a model can learn to copy from."""
+    cfg = MemoryConfig(policy="egolcd", window_chunks=2, keep_ratio=1.0, top_m=3, max_entries=32)
+    policy = MemoryPolicy(cfg, chunk_frames=K)
+    state = policy.init_state()
+    segments = [0, 1, 1, 2, 2, 2, 3, 3, 4, 4]  # segment 4 revisits segment 1 (chunks 1-2)
+    offsets = []
+    for c, seg in enumerate(segments):
+        emb = unit([1, 0, 0]) if seg != 2 else unit([0, 1, 0])
+        revisit = [1] if seg == 4 else []
+        ctx = policy.context(state, emb, revisit, segment=seg)
+        if seg == 4:
+            last = [s for s in ctx.spans if s.kind == "retrieved"][-1]
+            assert last.chunk == 1 + (c - 8)  # the same place in the first visit
+            slot = [s for s in ctx.spans if s.kind != "window"].index(last)
+            offsets.append(ctx.frame_start - slot * K)
+        policy.write(state, ctx, fake_chunk(c, emb).kv, emb, seg)
+    assert len(offsets) == 2 and offsets[0] == offsets[1] == (cfg.window_chunks + 2) * K
+
+
 def test_budgets_hold_over_500_chunks():
     cfg = MemoryConfig(policy="egolcd", window_chunks=2, keep_ratio=0.25, top_m=2, max_entries=6, max_tokens=10)
     policy = MemoryPolicy(cfg, chunk_frames=K)
