@@ -38,6 +38,10 @@ class MemoryConfig:
             entries ranked by how far their place in it is from j, the nearest in the slot next to the sink
             (a fixed offset from the current chunk); ``False``: forced entries most recent first, all
             retrieved slots in time order (METHOD.md, "Retrieve").
+        revisit_position: where that aligned entry sits in frame positions: ``"slot"``, the last retrieved
+            slot, next to the sink (a fixed offset of ``(W + 2) * chunk_frames`` frames); ``"current"``, the
+            current chunk's own frame positions (offset 0: each token meets the token of the same frame and
+            place in the first visit at relative position zero, the peak of rotary attention).
     """
 
     policy: str = "egolcd"
@@ -51,6 +55,7 @@ class MemoryConfig:
     offload_long_term: str | None = None
     importance_query_stride: int = 1
     align_revisits: bool = True
+    revisit_position: str = "slot"
 
     def __post_init__(self) -> None:
         if self.policy not in MEMORY_POLICIES:
@@ -61,6 +66,8 @@ class MemoryConfig:
             raise ValueError(f"keep_ratio must be in (0, 1], got {self.keep_ratio}")
         if self.top_m < 0 or self.max_entries < 0:
             raise ValueError("top_m and max_entries must be >= 0")
+        if self.revisit_position not in ("slot", "current"):
+            raise ValueError(f"revisit_position must be 'slot' or 'current', got {self.revisit_position!r}")
         if self.importance_query_stride < 1:
             raise ValueError(f"importance_query_stride must be >= 1, got {self.importance_query_stride}")
 

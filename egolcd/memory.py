@@ -363,7 +363,7 @@ class MemoryPolicy:
         """
         k = self.chunk_frames
         abs_start = state.chunk * k
-        retrieved = []
+        retrieved, progress = [], None
         if self.long_term and self.config.top_m > 0:
             progress = self.segment_progress(state, segment) if revisit and self.config.align_revisits else None
             retrieved = state.store.retrieve(
@@ -376,9 +376,15 @@ class MemoryPolicy:
         window = state.window.chunks
         base = (len(slots) + len(window)) * k  # frame position of the current chunk
         spans, parts_per_item, items, offset = [], [], [], 0
+        colocated = (  # the aligned revisit entry on the current chunk's own frame positions
+            len(retrieved) - 1
+            if retrieved and progress is not None and self.config.revisit_position == "current"
+            and retrieved[-1][0].segment in revisit
+            else None
+        )
         for i, (kind, item, score) in enumerate(slots):  # slot i starts at frame i * k
             spans.append(ContextSpan(kind, item.chunk, item.segment, offset, offset + item.num_tokens, score))
-            parts_per_item.append(i * k - item.chunk * k)
+            parts_per_item.append((base if i == colocated else i * k) - item.chunk * k)
             items.append(item)
             offset += item.num_tokens
             if kind == "retrieved" and count_retrieval:

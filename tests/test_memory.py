@@ -132,6 +132,25 @@ def test_policy_reads_the_aligned_first_visit_chunk_at_a_fixed_offset():
     assert len(offsets) == 2 and offsets[0] == offsets[1] == (cfg.window_chunks + 2) * K
 
 
+def test_colocated_revisit_entry_takes_the_current_chunks_frame_positions():
+    cfg = MemoryConfig(policy="egolcd", window_chunks=2, keep_ratio=1.0, top_m=3, revisit_position="current")
+    policy = MemoryPolicy(cfg, chunk_frames=K)
+    state = policy.init_state()
+    for c, seg in enumerate([0, 1, 1, 2, 2, 2, 3, 3]):  # segment 3 revisits segment 1
+        emb = unit([1, 0, 0])
+        ctx = policy.context(state, emb, [1] if seg == 3 else [], segment=seg)
+        if seg == 3:
+            last = [s for s in ctx.spans if s.kind == "retrieved"][-1]
+            assert last.chunk == c - 5  # the aligned first-visit chunk
+            frames = ctx.layers[0].pos[0, last.start : last.end, 0].unique().tolist()
+            assert frames[0] == ctx.frame_start and frames[-1] < ctx.frame_start + K  # the current chunk's frames
+            others = [s for s in ctx.spans if s is not last]
+            assert all(ctx.layers[0].pos[0, s.start : s.end, 0].max() < ctx.frame_start for s in others)
+        policy.write(state, ctx, fake_chunk(c, emb).kv, emb, seg)
+    with pytest.raises(ValueError, match="revisit_position"):
+        MemoryConfig(revisit_position="nowhere")
+
+
 def test_budgets_hold_over_500_chunks():
     cfg = MemoryConfig(policy="egolcd", window_chunks=2, keep_ratio=0.25, top_m=2, max_entries=6, max_tokens=10)
     policy = MemoryPolicy(cfg, chunk_frames=K)
