@@ -42,11 +42,14 @@ def run(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     model = EgoLCDTransformer3DModel.from_preset(args.preset).train()
-    if args.qk_norm_init != 1.0:
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "attn1.norm_q" in name or "attn1.norm_k" in name:
-                    p.fill_(args.qk_norm_init)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "attn1.norm_q" in name or "attn1.norm_k" in name:
+                p.fill_(args.qk_norm_init)
+    if args.positional_init:
+        from egolcd.training.model import init_position_heads
+
+        init_position_heads(model, args.positional_heads, bias=args.positional_init, norm=args.qk_norm_init)
     k = model.config.chunk_frames
     c = model.config.in_channels
     memory = MemoryConfig(policy="egolcd", window_chunks=2, sink=True, keep_ratio=1.0, top_m=3,
@@ -93,6 +96,9 @@ def main() -> None:
     p.add_argument("--latent", type=int, default=16, help="latent height = width")
     p.add_argument("--t-min", type=float, default=0.5)
     p.add_argument("--qk-norm-init", type=float, default=1.0, help="initial self-attention q/k RMSNorm weights")
+    p.add_argument("--positional-init", type=float, default=0.0,
+                   help="start --positional-heads heads per block as position-matching heads with this q/k bias (0: off)")
+    p.add_argument("--positional-heads", type=int, default=2, help="heads per block that --positional-init sets")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=None, help="JSON file for the result")

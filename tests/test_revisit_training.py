@@ -236,3 +236,39 @@ def test_scored_chunks_put_recall_first_and_leave_memory_writes_unchanged() -> N
     expected = torch.stack([(full.predictions[i] - (eps - x0)[:, :, i * k : (i + 1) * k]).square().mean()
                             for i in picks]).mean()
     torch.testing.assert_close(part.flow, expected)
+
+
+def _copy_probe():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "copy_probe.py"
+    spec = importlib.util.spec_from_file_location("copy_probe", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_copy_probe_baseline_is_the_no_information_optimum():
+    """The probe's baseline is the loss of the best estimate of v from x_t alone: check it by regression."""
+    import torch
+
+    probe = _copy_probe()
+    g = torch.Generator().manual_seed(0)
+    t = 0.5 + 0.5 * torch.rand(200_000, generator=g, dtype=torch.float64)
+    x0, eps = torch.randn(2, 200_000, generator=g, dtype=torch.float64)
+    x_t, v = (1 - t) * x0 + t * eps, eps - x0
+    coef = (2 * t - 1) / ((1 - t) ** 2 + t**2)  # E[v | x_t] = coef * x_t for Gaussian x0, eps
+    assert abs(((v - coef * x_t) ** 2).mean().item() - probe.no_info_loss(0.5)) < 0.02
+    assert abs(probe.no_info_loss(0.999) - 1.0) < 0.01
+
+
+def test_copy_probe_runs_the_training_path(tmp_path):
+    import argparse
+
+    probe = _copy_probe()
+    args = argparse.Namespace(preset="tiny", source="memory", revisit_position="current", steps=3, lr=1e-3, latent=8,
+                              t_min=0.5, qk_norm_init=1.0, positional_init=1.0, positional_heads=1, seed=0, threads=1, out=None)
+    result = probe.run(args)
+    assert len(result["losses"]) == 3 and all(x == x for x in result["losses"])
+    assert result["copy_fraction"] == 1 - result["final_loss"] / result["no_info_loss"]

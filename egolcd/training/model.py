@@ -76,6 +76,36 @@ def load_base_transformer(init_dir: str | os.PathLike[str], preset: Preset) -> E
     return model
 
 
+@torch.no_grad()
+def init_position_heads(model: EgoLCDTransformer3DModel, heads: int, bias: float = 3.0, norm: float = 3.0) -> None:
+    """Start the first ``heads`` self-attention heads of every block as *position-matching* heads.
+
+    Their q/k weights are scaled by 0.1 and their q/k biases put ``bias`` on the highest-frequency rotary pair
+    of each axis (and on the second temporal pair, which breaks the first one's 6-frame alias); their q/k
+    RMSNorm weights are set to ``norm``. So each query's logits peak at relative position (0, 0, 0) and fall
+    off within one frame or one token: a token meets itself and whatever sits on its own frame and place,
+    such as an aligned revisit entry on the current chunk's positions (``MemoryConfig.revisit_position =
+    "current"``). Without it the demo DiT never learned to copy from its context (``benchmarks/copy_probe.py``,
+    METHOD.md "Position-matching heads"); the other heads keep their initialisation.
+    """
+    from ..attention import rope_split
+
+    d, n_heads = model.config.attention_head_dim, model.config.num_attention_heads
+    if not 0 <= heads <= n_heads:
+        raise ValueError(f"position heads must be in [0, {n_heads}], got {heads}")
+    t_dim, h_dim, _ = rope_split(d)
+    dims = [0, 2, t_dim, t_dim + h_dim]  # first components of temporal pairs 0-1, row pair 0, column pair 0
+    for block in model.blocks:
+        attn = block.attn1
+        for proj, norm_layer in ((attn.to_q, attn.norm_q), (attn.to_k, attn.norm_k)):
+            for h in range(heads):
+                rows = slice(h * d, (h + 1) * d)
+                proj.weight[rows].mul_(0.1)
+                proj.bias[rows] = 0.0
+                proj.bias[[h * d + i for i in dims]] = bias
+                norm_layer.weight[rows] = norm
+
+
 def build_model(cfg: TrainConfig, init_dir: Path) -> EgoLCDTransformer3DModel:
     """Base weights + LoRA (base frozen) or all weights trainable; gradient checkpointing if asked."""
     model = load_base_transformer(init_dir, get_preset(cfg.preset))
