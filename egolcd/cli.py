@@ -206,6 +206,10 @@ def _parse_size(text: str) -> tuple[int, int]:
 def cmd_create_model(args: argparse.Namespace) -> int:
     from .pipeline import EgoLCDPipeline
 
+    if args.position_heads and args.from_wan:
+        raise ValueError("--position-heads initialises random weights; it does not apply to --from-wan")
+    if args.init_from and args.from_wan:
+        raise ValueError("--init-from and --from-wan are exclusive")
     if args.from_wan:
         from .assemble import assemble_model_dir
 
@@ -221,7 +225,18 @@ def cmd_create_model(args: argparse.Namespace) -> int:
             raise ValueError(f"--{option.replace('_', '-')} applies to --from-wan only")
     preset = args.preset or "tiny"
     overrides = {"text_encoder_path": args.text_encoder_path} if args.text_encoder_path else {}
-    pipe = EgoLCDPipeline.from_preset(preset, seed=args.seed, vae_path=args.vae, **overrides)
+    if args.init_from:
+        if not args.position_heads:
+            raise ValueError("--init-from re-initialises heads of a model: give --position-heads N")
+        if Path(args.directory).resolve() == Path(args.init_from).resolve():
+            raise ValueError("--init-from and the output directory must differ")
+        pipe = EgoLCDPipeline.from_pretrained(args.init_from)
+    else:
+        pipe = EgoLCDPipeline.from_preset(preset, seed=args.seed, vae_path=args.vae, **overrides)
+    if args.position_heads:
+        from .training.model import init_position_heads
+
+        init_position_heads(pipe.transformer, args.position_heads)
     pipe.save_pretrained(args.directory)
     logger.info("wrote a randomly initialised %r model to %s", preset, args.directory)
     return 0
@@ -425,6 +440,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--link", default="auto", choices=["auto", "hard", "symlink", "copy"],
                    help="with --from-wan: how large files are placed (auto: hard link, else symlink)")
     p.add_argument("--overwrite", action="store_true", help="with --from-wan: replace an existing folder")
+    p.add_argument("--position-heads", type=int, default=0, metavar="N",
+                   help="start the first N self-attention heads of every block as position-matching heads "
+                        "(random weights, or those of --init-from; docs/METHOD.md)")
+    p.add_argument("--init-from", metavar="MODEL",
+                   help="a model folder to copy, re-initialising its first --position-heads heads (the demo recipe's "
+                        "stage 2)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_create_model)
 

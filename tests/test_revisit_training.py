@@ -272,3 +272,41 @@ def test_copy_probe_runs_the_training_path(tmp_path):
     result = probe.run(args)
     assert len(result["losses"]) == 3 and all(x == x for x in result["losses"])
     assert result["copy_fraction"] == 1 - result["final_loss"] / result["no_info_loss"]
+
+
+def test_create_model_position_heads_peak_at_relative_position_zero(tmp_path, capsys):
+    """`create-model --position-heads 1`: head 0 of every block starts attending to its own frame and place."""
+    import torch
+
+    from egolcd.attention import rope_cos_sin
+    from egolcd.cli import main
+    from egolcd.transformer import EgoLCDTransformer3DModel
+
+    assert main(["create-model", str(tmp_path / "m"), "--preset", "tiny", "--position-heads", "1"]) == 0
+    model = EgoLCDTransformer3DModel.from_pretrained(str(tmp_path / "m" / "transformer"))
+    d = model.config.attention_head_dim
+    attn = model.blocks[0].attn1
+    q, k = attn.norm_q(attn.to_q.bias[None])[0, :d], attn.norm_k(attn.to_k.bias[None])[0, :d]
+    grid = torch.tensor([[(f, h, w) for f in range(-6, 7) for h in range(-3, 4) for w in range(-3, 4)]])
+    cos, sin = rope_cos_sin(grid, d)
+    pairs = lambda x: x.view(-1, 2)  # noqa: E731
+    qc = torch.view_as_complex(pairs(q).contiguous())
+    kc = torch.view_as_complex(pairs(k).contiguous())
+    rot = torch.complex(cos[0, :, 0, ::2], sin[0, :, 0, ::2])  # (T, d/2)
+    logits = (qc * (kc * rot).conj()).real.sum(-1)  # q . R(delta) k for every relative position delta
+    best = grid[0, logits.argmax()].tolist()
+    assert best == [0, 0, 0]
+    assert logits.max() - logits.topk(2).values[1] > 0.5  # a clear peak, not a plateau
+    # --init-from: a trained model keeps every weight but the chosen heads' q/k
+    assert main(["create-model", str(tmp_path / "r"), "--preset", "tiny", "--seed", "3"]) == 0
+    assert main(["create-model", str(tmp_path / "s"), "--init-from", str(tmp_path / "r"), "--position-heads", "1"]) == 0
+    before = EgoLCDTransformer3DModel.from_pretrained(str(tmp_path / "r" / "transformer")).state_dict()
+    after = EgoLCDTransformer3DModel.from_pretrained(str(tmp_path / "s" / "transformer")).state_dict()
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed and all(".attn1.to_q." in n or ".attn1.to_k." in n or ".attn1.norm_" in n for n in changed)
+    assert torch.equal(before["blocks.0.attn1.to_q.weight"][d:], after["blocks.0.attn1.to_q.weight"][d:])
+    assert main(["create-model", str(tmp_path / "t"), "--init-from", str(tmp_path / "r")]) != 0
+    # hostile: not with released weights, and never more heads than the model has
+    assert main(["create-model", str(tmp_path / "w"), "--from-wan", str(tmp_path), "--position-heads", "1"]) != 0
+    assert main(["create-model", str(tmp_path / "x"), "--preset", "tiny", "--position-heads", "9"]) != 0
+    assert "position heads" in capsys.readouterr().err
