@@ -238,7 +238,11 @@ def cmd_create_model(args: argparse.Namespace) -> int:
 
         init_position_heads(pipe.transformer, args.position_heads)
     pipe.save_pretrained(args.directory)
-    logger.info("wrote a randomly initialised %r model to %s", preset, args.directory)
+    if args.init_from:
+        logger.info("wrote %s with %d position-matching heads per block to %s", args.init_from, args.position_heads,
+                    args.directory)
+    else:
+        logger.info("wrote a randomly initialised %r model to %s", preset, args.directory)
     return 0
 
 

@@ -176,7 +176,8 @@ class VideoWriter:
             frame into one slice per thread) and its automatic count follows the CPUs this process may
             use, so the default, 1, removes that dependence. (Even so, on this project's CI machine x264
             has not always reproduced its bytes from identical frames, in a pixel or two of a frame; the tests
-            therefore check the frames handed to the encoder, not the file bytes.) More threads encode faster, reproducibly only for the same count.
+            therefore check the frames handed to the encoder, not the file bytes.) More threads encode faster,
+            reproducibly only for the same count.
 
     A run killed with ``kill -9`` leaves its hidden ``.NAME.PID-XXXX.partial.mp4`` behind; the next writer
     to the same output removes those of processes that no longer exist.
