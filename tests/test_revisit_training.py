@@ -106,6 +106,9 @@ def test_latent_windows_keep_only_clips_that_need_long_term_memory(cache: Path) 
     revisits = item["revisits"].tolist()
     assert revisits[-1] == rows[1] and revisits[:-1] == [-1] * 9  # chunk 10 revisits chunk 2's segment
     assert LatentDataset(cache, clip_chunks=10, min_revisit_chunks=2, window_chunks=2).windows == [(0, 2), (1, 2)]
+    # a window from chunk 3 holds s2's second chunk but not its first: the revisit would read the wrong
+    # first-visit chunk (generation always starts at chunk 0), so it is not a training window
+    assert LatentDataset(cache, clip_chunks=9, min_revisit_chunks=1, window_chunks=2).windows == [(0, 2), (1, 2)]
     with pytest.raises(ValueError, match="no window"):  # s2 has not left a 9-chunk window by chunk 11
         LatentDataset(cache, clip_chunks=10, min_revisit_chunks=1, window_chunks=9)
     # memory keys are the key texts' embeddings, not the full prompts'

@@ -82,7 +82,10 @@ class LatentDataset(Dataset):
 
         A window is kept when at least ``min_revisit_chunks`` of its chunks revisit a segment that has a
         chunk inside the window more than ``window_chunks`` chunks earlier (it has left the short-term
-        window, so only long-term memory holds it).
+        window, so only long-term memory holds it), and no revisit chunk's own or revisited segment is cut by
+        the window's start. Generation always starts at an episode's first chunk, so the j-th chunk of a
+        revisit reads the j-th chunk of the first visit (``MemoryPolicy.segment_progress``); a window that
+        starts inside either segment would pair it with the wrong first-visit chunk.
         """
         n, c = self.geometry.chunks_per_clip, self.clip_chunks
         if c == n and min_revisit_chunks == 0:
@@ -94,12 +97,16 @@ class LatentDataset(Dataset):
             names = handle.keys()
             revisits = handle.get_tensor(f"{clip.key}.revisits").tolist() if f"{clip.key}.revisits" in names else []
             for start in range(n - c + 1):
-                count = 0
+                count, cut = 0, False
                 for j in range(start, start + c):
                     target = revisits[j] if revisits else -1
-                    if target >= 0 and any(segments[q] == target for q in range(start, j - window_chunks)):
+                    if target < 0:
+                        continue
+                    cut = cut or (start > 0 and segments[start - 1] in (target, segments[j]) and any(
+                        segments[q] in (target, segments[j]) for q in range(start, j + 1)))
+                    if any(segments[q] == target for q in range(start, j - window_chunks)):
                         count += 1
-                if count >= min_revisit_chunks:
+                if count >= min_revisit_chunks and not cut:
                     out.append((i, start))
         return out
 
