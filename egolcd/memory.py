@@ -145,6 +145,8 @@ class LongTermSparseKVCache:
     @staticmethod
     def sparsify(item: MemoryChunk, keep_ratio: float) -> MemoryChunk:
         """Keep the ``ceil(keep_ratio * n)`` most important tokens of each layer (in time order)."""
+        if keep_ratio >= 1.0:  # whole entries (time order kept): nothing to rank
+            return item
         index = []
         for kv, score in zip(item.kv, item.importance):
             n = len(kv)
@@ -321,8 +323,10 @@ class MemoryPolicy:
 
     @property
     def needs_attention_mass(self) -> bool:
-        """Importance scores are only used when chunks are sparsified into long-term memory."""
-        return self.long_term
+        """Importance scores are only used when chunks are sparsified into long-term memory: not when the
+        store keeps whole entries (``keep_ratio >= 1`` and no ``max_tokens`` budget to trim to)."""
+        c = self.config
+        return self.long_term and (c.keep_ratio < 1.0 or c.max_tokens is not None)
 
     def init_state(self) -> MemoryState:
         c = self.config

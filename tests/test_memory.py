@@ -59,6 +59,17 @@ def test_key_norm_fallback_without_attention_mass():
     assert kept.kv[0].pos[0, :, 1].tolist() == expected
 
 
+def test_whole_entries_skip_the_importance_pass():
+    """keep_ratio 1.0 without a token budget stores chunks whole, so no attention mass is computed for it."""
+    item = fake_chunk(0, unit([1, 0]))
+    kept = LongTermSparseKVCache.sparsify(item, keep_ratio=1.0)
+    assert kept.num_tokens == item.num_tokens and torch.equal(kept.kv[0].key, item.kv[0].key)
+    needs = {(r, t): MemoryPolicy(MemoryConfig(keep_ratio=r, max_tokens=t), K).needs_attention_mass
+             for r, t in [(1.0, None), (0.5, None), (1.0, 64)]}
+    assert needs == {(1.0, None): False, (0.5, None): True, (1.0, 64): True}
+    assert not MemoryPolicy(MemoryConfig(policy="sink-window", keep_ratio=0.5), K).needs_attention_mass
+
+
 def test_retrieval_returns_expected_entries_for_hand_built_embeddings():
     store = LongTermSparseKVCache(keep_ratio=0.5, max_entries=10)
     sink_e, stove_e, shelf_e = unit([1, 0, 0]), unit([0, 1, 0]), unit([0, 0, 1])
