@@ -199,8 +199,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Te
     return out.transpose(1, 2)
 
 
-def attention_mass(q: Tensor, k: Tensor, num_context: int, query_block: int | None = None) -> Tensor:
-    """Attention mass received by each of the first ``num_context`` keys.
+def attention_mass(
+    q: Tensor, k: Tensor, num_context: int, query_block: int | None = None, start: int = 0
+) -> Tensor:
+    """Attention mass received by each of the context keys ``start .. num_context - 1``.
 
     The softmax is over *all* keys (context + current), as in the attention itself; the mass is the
     mean over heads and queries of the probability each context key receives (METHOD.md, "Importance").
@@ -210,19 +212,20 @@ def attention_mass(q: Tensor, k: Tensor, num_context: int, query_block: int | No
         num_context: how many leading keys are memory context.
         query_block: queries per softmax block (default: as many as keep one block's probabilities
             within 2**26 float32 values, 256 MiB).
+        start: the first context key whose mass is wanted (the policy scores only what it will sparsify).
 
     Returns:
-        ``(B, num_context)`` float32.
+        ``(B, num_context - start)`` float32.
     """
     b, tq, h, d = q.shape
     query_block = query_block or max(16, (1 << 26) // (b * h * k.shape[1]))
     scale = 1.0 / math.sqrt(d)
     kt = k.transpose(1, 2).float()  # (B, h, Tk, d)
-    total = q.new_zeros((b, num_context), dtype=torch.float32)
-    for start in range(0, tq, query_block):
-        qb = q[:, start : start + query_block].transpose(1, 2).float()  # (B, h, bq, d)
+    total = q.new_zeros((b, num_context - start), dtype=torch.float32)
+    for first in range(0, tq, query_block):
+        qb = q[:, first : first + query_block].transpose(1, 2).float()  # (B, h, bq, d)
         probs = torch.softmax(qb @ kt.transpose(-1, -2) * scale, dim=-1)  # (B, h, bq, Tk)
-        total += probs[..., :num_context].sum(dim=(1, 2))
+        total += probs[..., start:num_context].sum(dim=(1, 2))
     return total / (h * tq)
 
 
@@ -230,7 +233,8 @@ _flash_cpu = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cp
 
 
 def attention_and_mass(
-    q: Tensor, k: Tensor, v: Tensor, num_context: int, stride: int = 1, query_block: int | None = None
+    q: Tensor, k: Tensor, v: Tensor, num_context: int, stride: int = 1, query_block: int | None = None,
+    start: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """The attention output and ``attention_mass`` from one attention (inference; no mask, no gradient).
 
@@ -244,9 +248,10 @@ def attention_and_mass(
         q: ``(B, Tq, h, d)``; k, v: ``(B, Tk, h, d)`` rotary-encoded. num_context: leading context keys.
         stride: average over every ``stride``-th query only (``importance_query_stride``).
         query_block: queries per block of the mass reduction (default: blocks of at most 2**26 values).
+        start: the first context key whose mass is wanted; keys before it are not scored at all.
 
     Returns:
-        ``((B, Tq, h, d) output, (B, num_context) float32 mass)``.
+        ``((B, Tq, h, d) output, (B, num_context - start) float32 mass)``.
     """
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, h, T, d)
     b, h, tq, d = qt.shape
@@ -258,20 +263,21 @@ def attention_and_mass(
         lse = None
     q_s = qt[:, :, ::stride].float()  # (B, h, tq_s, d)
     tq_s = q_s.shape[2]
-    if num_context == 0:
+    n = num_context - start  # scored context keys
+    if n <= 0:
         return out.transpose(1, 2), q.new_zeros((b, 0), dtype=torch.float32)
     query_block = query_block or max(16, (1 << 26) // (b * h * kt.shape[2]))
     k_all = kt.float()
-    k_ctx_t = k_all[:, :, :num_context].transpose(-1, -2)  # (B, h, d, T_ctx)
-    total = q.new_zeros((b, num_context), dtype=torch.float32)
-    for start in range(0, tq_s, query_block):
-        qb = q_s[:, :, start : start + query_block] * scale  # (B, h, bq, d)
+    k_ctx_t = k_all[:, :, start:num_context].transpose(-1, -2)  # (B, h, d, n)
+    total = q.new_zeros((b, n), dtype=torch.float32)
+    for first in range(0, tq_s, query_block):
+        qb = q_s[:, :, first : first + query_block] * scale  # (B, h, bq, d)
         if lse is None:
             lse_b = torch.logsumexp(qb @ k_all.transpose(-1, -2), dim=-1)  # (B, h, bq)
         else:
-            lse_b = lse[:, :, ::stride][:, :, start : start + query_block].float()
+            lse_b = lse[:, :, ::stride][:, :, first : first + query_block].float()
         scores = torch.baddbmm(
-            -lse_b.reshape(b * h, -1, 1), qb.reshape(b * h, -1, d), k_ctx_t.reshape(b * h, d, num_context)
-        )  # q . k * scale - lse, (B*h, bq, T_ctx)
-        total += scores.exp_().view(b, h, -1, num_context).sum(dim=(1, 2))
+            -lse_b.reshape(b * h, -1, 1), qb.reshape(b * h, -1, d), k_ctx_t.reshape(b * h, d, n)
+        )  # q . k * scale - lse, (B*h, bq, n)
+        total += scores.exp_().view(b, h, -1, n).sum(dim=(1, 2))
     return out.transpose(1, 2), total / (h * tq_s)

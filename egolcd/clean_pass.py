@@ -50,6 +50,7 @@ def clean_pass_write(
             x0, timestep, text, ctx.layers, ctx.frame_start,
             return_kv=True, return_attention_mass=policy.needs_attention_mass,
             attention_mass_stride=policy.config.importance_query_stride,
+            attention_mass_from=policy.mass_start(ctx) if policy.needs_attention_mass else 0,
         )
     return policy.write(state, ctx, clean.kv, key, segment, clean.attention_mass)
 

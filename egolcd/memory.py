@@ -328,6 +328,15 @@ class MemoryPolicy:
         c = self.config
         return self.long_term and (c.keep_ratio < 1.0 or c.max_tokens is not None)
 
+    def mass_start(self, ctx: ChunkContext) -> int:
+        """The first context token whose attention mass (importance) is used: the window's, whose chunks are
+        sparsified when they leave it (METHOD.md: mass received *while in the window*); also the retrieved
+        entries' when a ``max_tokens`` budget trims them by importance. The sink is never sparsified.
+        The context is laid out [retrieved, sink, window], so this is one cut."""
+        if self.config.max_tokens is not None:
+            return 0
+        return next((s.start for s in ctx.spans if s.kind == "window"), ctx.tokens_per_layer)
+
     def init_state(self) -> MemoryState:
         c = self.config
         max_entries = c.max_entries if self.long_term else 0
@@ -443,12 +452,18 @@ class MemoryPolicy:
             ctx: the context the clean pass read (its layout maps ``attention_mass`` back to chunks).
             kv: per layer, the chunk's keys/values in ``ctx`` coordinates (``ChunkOutput.kv``).
             embedding: ``(B, E)`` pooled embedding of the chunk's segment prompt.
-            attention_mass: per layer ``(B, T_ctx)`` mass each context token received (importance).
+            attention_mass: per layer ``(B, T_ctx - s)`` mass each context token from ``s`` on received
+                (importance; ``s = self.mass_start(ctx)``, or 0 for the whole context). Only the chunks whose
+                importance is used accumulate it (``mass_start``).
         """
         if attention_mass is not None:
+            offset = ctx.tokens_per_layer - attention_mass[0].shape[1]  # the first scored context token
+            first = max(offset, self.mass_start(ctx))
             for span, item in zip(ctx.spans, ctx.items):
+                if span.start < first or span.kind == "sink":
+                    continue
                 for layer, mass in enumerate(attention_mass):
-                    item.importance[layer] = item.importance[layer] + mass[:, span.start : span.end].float()
+                    item.importance[layer] = item.importance[layer] + mass[:, span.start - offset : span.end - offset].float()
         shift = ctx.abs_frame_start - ctx.frame_start
         stored = [layer_kv.detach().shift_frames(shift) for layer_kv in kv]
         item = MemoryChunk(

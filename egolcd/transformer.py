@@ -376,6 +376,7 @@ class EgoLCDTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         return_attention_mass: bool = False,
         attention_mass_stride: int = 1,
         encoder_hidden_states_image: Tensor | None = None,
+        attention_mass_from: int = 0,
     ) -> ChunkOutput:
         """One chunk with an explicit memory context.
 
@@ -393,6 +394,8 @@ class EgoLCDTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             return_attention_mass: return per layer the mean attention probability of each context token.
             attention_mass_stride: average that probability over every ``s``-th query only (an unbiased
                 estimate at ``1/s`` of the cost; 1 = all queries, exact).
+            attention_mass_from: score only context tokens from this index on (the returned mass is
+                ``(B, T_ctx - attention_mass_from)``; keys before it are not scored at all).
         """
         b = hidden_states.shape[0]
         n_layers = self.num_layers
@@ -421,6 +424,7 @@ class EgoLCDTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
                 want_kv=return_kv,
                 want_mass=return_attention_mass,
                 mass_stride=attention_mass_stride,
+                mass_from=attention_mass_from,
                 fast=fast,
                 freqs=freqs,
                 cross_kv=None if cache is None else cache.cross_kv[i],

@@ -38,6 +38,7 @@ class _LayerIO:
     want_kv: bool = False
     want_mass: bool = False
     mass_stride: int = 1
+    mass_from: int = 0  # first context token whose attention mass is wanted
     fast: bool = False  # inference fast path: fused elementwise kernels, one-pass importance
     freqs: Tensor | None = None  # complex rotary of the current tokens (fast path, float32)
     cross_kv: tuple[Tensor, Tensor] | None = None  # cached text keys/values (PromptCache)
@@ -129,12 +130,12 @@ class EgoLCDTransformerBlock(nn.Module):
         n_ctx = 0 if io.context is None else len(io.context)
         if io.want_mass and io.fast and io.mask is None:
             # one attention gives the output and each query's log-sum-exp; the mass reads only the context
-            out, io.mass = attention_and_mass(q, keys, values, n_ctx, io.mass_stride)
+            out, io.mass = attention_and_mass(q, keys, values, n_ctx, io.mass_stride, start=io.mass_from)
             out = out.flatten(2, 3).type_as(q)
         else:
             out = attention(q, keys, values, io.mask).flatten(2, 3).type_as(q)  # (B, N, h*d)
             if io.want_mass:
-                io.mass = attention_mass(q.detach()[:, :: io.mass_stride], keys.detach(), n_ctx)
+                io.mass = attention_mass(q.detach()[:, :: io.mass_stride], keys.detach(), n_ctx, start=io.mass_from)
         if io.reference is not None:
             with torch.no_grad():
                 ref_k, ref_v = read(io.reference)

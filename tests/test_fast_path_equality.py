@@ -127,6 +127,35 @@ def test_one_pass_importance_equals_the_exact_softmax_mass(stride, num_context):
     assert torch.allclose(out_fb, out, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("start", [0, 60, 150])
+def test_mass_of_a_context_suffix_is_the_same_slice_of_the_whole_mass(start):
+    """Scoring only context keys ``start ..`` (the window) gives exactly that slice of the whole mass, in
+    the one-pass kernel and the plain softmax, and no key before ``start`` is scored."""
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(1, 96, 4, 16, generator=g) * 2
+    k = torch.randn(1, 150 + 96, 4, 16, generator=g)
+    v = torch.randn(1, 150 + 96, 4, 16, generator=g)
+    whole = attention_mass(q, k, 150)
+    part = attention_mass(q, k, 150, start=start)
+    _, fast = attention_and_mass(q, k, v, 150, start=start, query_block=7)
+    assert part.shape == fast.shape == (1, 150 - start)
+    assert torch.allclose(part, whole[:, start:], atol=1e-7, rtol=1e-5)
+    assert torch.allclose(fast, whole[:, start:], atol=1e-7, rtol=1e-4)
+
+
+def test_scoring_only_the_window_keeps_exactly_the_same_memory(monkeypatch):
+    """The clean pass scores only the window's tokens (``MemoryPolicy.mass_start``): the only chunks that are
+    sparsified by it. The store keeps the same tokens as when every context token is scored."""
+    out, state, _ = run_loop(make_model(), "egolcd", 12, cached=True, reuse=True)
+    monkeypatch.setattr(MemoryPolicy, "mass_start", lambda self, ctx: 0)
+    ref_out, ref_state, _ = run_loop(make_model(), "egolcd", 12, cached=True, reuse=True)
+    assert state.store.entries and len(state.store.entries) == len(ref_state.store.entries)
+    for a, b in zip(state.store.entries, ref_state.store.entries):
+        assert a.chunk == b.chunk and all(torch.equal(x.pos, y.pos) for x, y in zip(a.kv, b.kv))
+    for c, (a, b) in enumerate(zip(out, ref_out)):
+        assert torch.allclose(a, b, atol=1e-6, rtol=0), f"chunk {c}"
+
+
 def test_complex_rope_equals_the_pairwise_rotation():
     """Item 3: RoPE as one complex multiply, into a new tensor, in place, and into a buffer slice."""
     g = torch.Generator().manual_seed(0)
