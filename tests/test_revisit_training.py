@@ -118,6 +118,18 @@ def test_latent_windows_keep_only_clips_that_need_long_term_memory(cache: Path) 
     assert torch.allclose(whole[0]["pooled"][0], want, atol=1e-5)
 
 
+def test_a_window_cuts_a_segment_only_when_it_starts_inside_it() -> None:
+    from egolcd.data.latent_dataset import window_cuts_segment
+
+    segments = [0, 0, 1, 1, 1, 2, 2, 3, 1]  # chunk 8 revisits segment 1 (chunks 2-4)
+    assert not window_cuts_segment(segments, 0, (1, 3))
+    assert not window_cuts_segment(segments, 2, (1, 3))  # starts at segment 1's first chunk
+    assert window_cuts_segment(segments, 3, (1, 3))  # inside it: the revisit would read the wrong chunk
+    assert window_cuts_segment(segments, 4, (1, 3))
+    assert not window_cuts_segment(segments, 5, (1, 3))  # segment 1 ended just before: not in the window
+    assert not window_cuts_segment(segments, 6, (1, 3))  # inside segment 2, which is neither
+
+
 def _tour():
     from egolcd.narrative import parse_narrative
 

@@ -18,6 +18,13 @@ from .latent_index import LatentIndex
 logger = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------------------------------ reading
+def window_cuts_segment(segments: list[int], start: int, ids: tuple[int, ...]) -> bool:
+    """Whether a window starting at chunk ``start`` begins inside (not at the start of) one of the
+    segments ``ids``: the chunk before it and its first chunk belong to the same one of them. A segment that
+    ended just before the window is not cut, it is simply not in it."""
+    return start > 0 and segments[start - 1] == segments[start] and segments[start] in ids
+
+
 class LatentDataset(Dataset):
     """Clips of a latent cache made by :func:`prepare_latents`.
 
@@ -102,8 +109,7 @@ class LatentDataset(Dataset):
                     target = revisits[j] if revisits else -1
                     if target < 0:
                         continue
-                    cut = cut or (start > 0 and segments[start - 1] in (target, segments[j]) and any(
-                        segments[q] in (target, segments[j]) for q in range(start, j + 1)))
+                    cut = cut or window_cuts_segment(segments, start, (target, segments[j]))
                     if any(segments[q] == target for q in range(start, j - window_chunks)):
                         count += 1
                 if count >= min_revisit_chunks and not cut:
