@@ -47,7 +47,8 @@ class BenchConfig:
     dynamic shapes); offload: keep the long-term store's keys/values in CPU memory; text_tokens: prompt
     length (512 for umT5 in Wan2.1); repeats: run the whole sequence this many times (same seeds, same
     work) and keep each chunk's fastest time, so a load burst on a shared machine does not pass for
-    growth with length; importance_stride: ``MemoryConfig.importance_query_stride``;
+    growth with length (with one process per policy, the passes alternate between policies, so it does
+    not pass for a policy's cost either); importance_stride: ``MemoryConfig.importance_query_stride``;
     arena: preallocated context buffers (``False``: concatenate new tensors every step, the training
     path; for side-by-side comparison); fast_path: the transformer's inference fast path (per-prompt
     cross-attention cache, fused elementwise kernels, one-pass importance, arena reuse; ``False``: the
@@ -151,94 +152,135 @@ def mfu(result: dict[str, Any], peak_flops: float) -> float:
     return result["flops_per_chunk"] / statistics.median(result["chunk_seconds"][-8:]) / peak_flops
 
 
-@torch.inference_mode()
-def run_policy(config: BenchConfig, policy_name: str) -> dict[str, Any]:
-    """Generate ``config.chunks`` chunks under one policy; per-chunk timings and sizes."""
-    from .flow import get_sampler, get_sigmas
-    from .memory import ContextArena, MemoryPolicy
-    from .pipeline import compile_transformer, generate_chunk
-    from .transformer import EgoLCDTransformer3DModel
+class PolicyRun:
+    """One policy's chunk loop, set up once (random weights, sizes, sampler) and run as whole passes.
 
-    preset = get_preset(config.preset)
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    device, dtype = config.device, getattr(torch, config.dtype)
-    torch.manual_seed(config.seed)
-    model = EgoLCDTransformer3DModel.from_preset(config.preset).to(device=device).eval()
-    model.fast_path = config.fast_path
-    if dtype != torch.float32:
-        model = model.to_dtype(dtype)
-    if config.compile:
-        compile_transformer(model)
-    k = preset.chunk_frames
-    height, width = config.height or preset.height, config.width or preset.width
-    latent_hw = (height // preset.vae_spatial, width // preset.vae_spatial)
-    memory = MemoryConfig(
-        **{**asdict(preset.memory), "offload_long_term": "cpu" if config.offload else None,
-           "importance_query_stride": config.importance_stride}
-    )
-    n_tokens = k * model.tokens_per_frame(*latent_hw)
-    sigmas = get_sigmas(config.steps, 5.0)
-    sample = get_sampler("euler")
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
+    Args:
+        config: the bench settings.
+        policy_name: one of ``MEMORY_POLICIES``.
+    """
 
-    def one_pass() -> tuple[list[float], list[int], list[int], MemoryPolicy, ContextArena | None]:
-        """The whole run from an empty memory, seeded the same every time: per-chunk seconds, context
-        tokens and memory bytes."""
-        policy = MemoryPolicy.from_name(policy_name, k, memory)
+    def __init__(self, config: BenchConfig, policy_name: str) -> None:
+        from .flow import get_sampler, get_sigmas
+        from .pipeline import compile_transformer
+        from .transformer import EgoLCDTransformer3DModel
+
+        self.config, self.policy_name = config, policy_name
+        self.preset = preset = get_preset(config.preset)
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.device, dtype = config.device, getattr(torch, config.dtype)
+        torch.manual_seed(config.seed)
+        model = EgoLCDTransformer3DModel.from_preset(config.preset).to(device=self.device).eval()
+        model.fast_path = config.fast_path
+        if dtype != torch.float32:
+            model = model.to_dtype(dtype)
+        if config.compile:
+            compile_transformer(model)
+        self.model, self.dtype = model, dtype
+        self.k = k = preset.chunk_frames
+        height, width = config.height or preset.height, config.width or preset.width
+        self.latent_hw = (height // preset.vae_spatial, width // preset.vae_spatial)
+        self.memory = MemoryConfig(
+            **{**asdict(preset.memory), "offload_long_term": "cpu" if config.offload else None,
+               "importance_query_stride": config.importance_stride}
+        )
+        self.n_tokens = k * model.tokens_per_frame(*self.latent_hw)
+        self.sigmas = get_sigmas(config.steps, 5.0)
+        self.sample = get_sampler("euler")
+        self.policy: Any = None
+        self.arena: Any = None
+        self.tokens: list[int] | None = None
+        self.mem_bytes: list[int] | None = None
+        if self.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+
+    @torch.inference_mode()
+    def one_pass(self) -> list[float]:
+        """The whole run from an empty memory, seeded the same every time: per-chunk seconds (context tokens
+        and memory bytes are kept, and must be the same in every pass)."""
+        from .memory import ContextArena, MemoryPolicy
+        from .pipeline import generate_chunk
+
+        config, model, device, k = self.config, self.model, self.device, self.k
+        policy = MemoryPolicy.from_name(self.policy_name, k, self.memory)
         state = policy.init_state()
-        arena = ContextArena(reserve=n_tokens, reuse=config.fast_path) if config.arena else None
+        arena = ContextArena(reserve=self.n_tokens, reuse=config.fast_path) if config.arena else None
         g = torch.Generator().manual_seed(config.seed)
         texts = torch.randn(config.segments, 1, config.text_tokens, model.config.text_dim, generator=g)
-        texts = texts.to(device, dtype)
+        texts = texts.to(device, self.dtype)
         prompts: dict[int, Any] = {}  # per segment, made at the segment's first chunk (as the pipeline does)
         keys = torch.nn.functional.normalize(torch.randn(config.segments, 1, 64, generator=g), dim=-1).to(device)
         seconds, tokens, mem_bytes = [], [], []
         for c in range(config.chunks):
             seg = c * config.segments // config.chunks
-            noise = torch.randn((1, preset.latent_channels, k, *latent_hw), generator=g).to(device, dtype)
+            noise = torch.randn((1, self.preset.latent_channels, k, *self.latent_hw), generator=g)
+            noise = noise.to(device, self.dtype)
             _sync(device)
             t0 = time.perf_counter()
             if seg not in prompts:
                 prompts[seg] = model.prompt_cache(texts[seg]) if config.fast_path else texts[seg]
             _, ctx = generate_chunk(
-                model, policy, state, noise, prompts[seg], keys[seg], seg, [], sigmas, sample, arena=arena
+                model, policy, state, noise, prompts[seg], keys[seg], seg, [], self.sigmas, self.sample, arena=arena
             )
             _sync(device)
             seconds.append(time.perf_counter() - t0)
             tokens.append(ctx.tokens_per_layer)
             mem_bytes.append(state.nbytes)
-        return seconds, tokens, mem_bytes, policy, arena
+        if self.tokens is not None and (tokens != self.tokens or mem_bytes != self.mem_bytes):
+            # same seeds, same work: or it is a bug
+            raise RuntimeError(f"bench: pass of {self.policy_name} differs from the first (non-deterministic memory)")
+        self.tokens, self.mem_bytes, self.policy, self.arena = tokens, mem_bytes, policy, arena
+        return seconds
 
-    # Each chunk's time is the fastest of ``repeats`` whole passes: the same chunk's runs are a pass apart,
-    # so a load burst on a shared machine (often several chunks long) reaches at most one of them.
-    seconds, tokens, mem_bytes, policy, arena = one_pass()
-    for _ in range(config.repeats - 1):
-        again, tokens_again, bytes_again, _, _ = one_pass()
-        if tokens_again != tokens or bytes_again != mem_bytes:  # same seeds, same work: or it is a bug
-            raise RuntimeError(f"bench: pass of {policy_name} differs from the first (non-deterministic memory)")
-        seconds = [min(a, b) for a, b in zip(seconds, again)]
-    if device.startswith("cuda"):
-        peak_mb = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-    steady = statistics.median(seconds[-8:])
-    flops = chunk_flops(
-        model.config, n_tokens, tokens[-1], config.text_tokens, config.steps, policy.needs_attention_mass,
-        policy.config.importance_query_stride, prompt_cached=config.fast_path,
-    )
-    return {
-        "chunk_seconds": seconds, "context_tokens": tokens, "memory_bytes": mem_bytes, "peak_mb": peak_mb,
-        "frames_per_second": preset.vae_temporal * k / steady,
-        "flops_per_chunk": flops,
-        "arena_mb": arena.nbytes / 2**20 if arena else 0.0,
-        "arena_reallocations": arena.reallocations if arena else 0,
-    }
+    def result(self, passes: list[list[float]]) -> dict[str, Any]:
+        """Per-chunk timings (each chunk's fastest pass), sizes, peak memory, throughput and FLOPs."""
+        seconds = [min(times) for times in zip(*passes)]
+        if self.device.startswith("cuda"):
+            peak_mb = torch.cuda.max_memory_allocated() / 2**20
+        else:
+            peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+        steady = statistics.median(seconds[-8:])
+        assert self.tokens is not None and self.mem_bytes is not None, "run one_pass first"
+        flops = chunk_flops(
+            self.model.config, self.n_tokens, self.tokens[-1], self.config.text_tokens, self.config.steps,
+            self.policy.needs_attention_mass, self.policy.config.importance_query_stride,
+            prompt_cached=self.config.fast_path,
+        )
+        return {
+            "chunk_seconds": seconds, "context_tokens": self.tokens, "memory_bytes": self.mem_bytes,
+            "peak_mb": peak_mb,
+            "frames_per_second": self.preset.vae_temporal * self.k / steady,
+            "flops_per_chunk": flops,
+            "arena_mb": self.arena.nbytes / 2**20 if self.arena else 0.0,
+            "arena_reallocations": self.arena.reallocations if self.arena else 0,
+        }
 
 
-def _worker(args: tuple[BenchConfig, str]) -> dict[str, Any]:
-    return run_policy(*args)
+def run_policy(config: BenchConfig, policy_name: str) -> dict[str, Any]:
+    """Generate ``config.chunks`` chunks under one policy, ``config.repeats`` passes in a row; per-chunk
+    timings (each chunk's fastest pass) and sizes."""
+    run = PolicyRun(config, policy_name)
+    return run.result([run.one_pass() for _ in range(config.repeats)])
+
+
+# One PolicyRun per worker process (each process holds one policy, so its peak RSS is that policy's).
+_RUN: PolicyRun | None = None
+
+
+def _worker_start(config: BenchConfig, policy_name: str) -> None:
+    global _RUN
+    _RUN = PolicyRun(config, policy_name)
+
+
+def _worker_pass() -> list[float]:
+    assert _RUN is not None
+    return _RUN.one_pass()
+
+
+def _worker_result(passes: list[list[float]]) -> dict[str, Any]:
+    assert _RUN is not None
+    return _RUN.result(passes)
 
 
 def flatness(chunk_seconds: list[float]) -> float | None:
@@ -258,15 +300,32 @@ def run_bench(config: BenchConfig, isolate: bool = True) -> dict[str, Any]:
     if config.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda asked for, but no CUDA device is available")
     results: dict[str, Any] = {}
-    for name in config.policies:
-        logger.info("bench: %s, %d chunks (%s, %s)", name, config.chunks, config.preset, config.device)
-        if isolate and not config.device.startswith("cuda"):
-            with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
-                res = pool.submit(_worker, (config, name)).result()
-        else:
-            res = run_policy(config, name)
+    if isolate and not config.device.startswith("cuda"):
+        # One process per policy, alive for the whole run; the passes alternate between policies (pass 1 of
+        # every policy, then pass 2, ...), so a load burst on a shared machine meets every policy alike and
+        # each chunk's fastest pass rarely falls in it: the policy ratios are what the repeats protect.
+        ctx = mp.get_context("spawn")
+        pools = {name: ProcessPoolExecutor(max_workers=1, mp_context=ctx) for name in config.policies}
+        try:
+            for name, pool in pools.items():
+                pool.submit(_worker_start, config, name).result()
+            passes: dict[str, list[list[float]]] = {name: [] for name in config.policies}
+            for r in range(config.repeats):
+                for name, pool in pools.items():
+                    logger.info("bench: %s, pass %d of %d, %d chunks (%s, %s)", name, r + 1, config.repeats,
+                                config.chunks, config.preset, config.device)
+                    passes[name].append(pool.submit(_worker_pass).result())
+            for name, pool in pools.items():
+                results[name] = pool.submit(_worker_result, passes[name]).result()
+        finally:
+            for pool in pools.values():
+                pool.shutdown(cancel_futures=True)
+    else:
+        for name in config.policies:
+            logger.info("bench: %s, %d chunks (%s, %s)", name, config.chunks, config.preset, config.device)
+            results[name] = run_policy(config, name)
+    for res in results.values():
         res["flatness"] = flatness(res["chunk_seconds"])
-        results[name] = res
     peak_flops = bench_matmul_peak(config)
     for res in results.values():
         res["mfu"] = mfu(res, peak_flops)

@@ -266,3 +266,19 @@ def test_bench_repeats_do_not_change_what_memory_holds():
     assert thrice["context_tokens"] == once["context_tokens"]
     assert thrice["memory_bytes"] == once["memory_bytes"]
     assert len(thrice["chunk_seconds"]) == 6 and all(t > 0 for t in thrice["chunk_seconds"])
+
+
+def test_bench_alternates_passes_between_policy_processes():
+    """Isolated runs keep one process per policy and alternate their passes; each policy's result is the
+    same work as running it alone (same context sizes and memory), with each chunk's fastest pass."""
+    from egolcd.bench import BenchConfig, run_bench, run_policy
+
+    config = BenchConfig(preset="tiny", chunks=4, steps=1, threads=1, repeats=2, policies=("egolcd", "window"))
+    result = run_bench(config, isolate=True)
+    assert list(result["policies"]) == ["egolcd", "window"]
+    for name in ("egolcd", "window"):
+        alone = run_policy(BenchConfig(preset="tiny", chunks=4, steps=1, threads=1), name)
+        got = result["policies"][name]
+        assert got["context_tokens"] == alone["context_tokens"] and got["memory_bytes"] == alone["memory_bytes"]
+        assert len(got["chunk_seconds"]) == 4 and all(t > 0 for t in got["chunk_seconds"])
+    assert result["policies"]["egolcd"]["context_tokens"][-1] > result["policies"]["window"]["context_tokens"][-1]
