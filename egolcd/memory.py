@@ -147,11 +147,21 @@ class LongTermSparseKVCache:
         """Keep the ``ceil(keep_ratio * n)`` most important tokens of each layer (in time order)."""
         if keep_ratio >= 1.0:  # whole entries (time order kept): nothing to rank
             return item
+        sizes = {len(kv) for kv in item.kv}
+        if len(sizes) == 1:  # every layer holds the same tokens (a chunk leaving the window): rank all at once
+            n = sizes.pop()
+            scores = torch.stack(item.importance)  # (L, B, n)
+            recorded = (scores > 0).any(dim=2, keepdim=True)  # (L, B, 1)
+            # fallback when no attention mass was recorded (per layer and row): key norm. On the CPU the check
+            # is free, so the norms are only computed when needed; on an accelerator, chosen without a sync.
+            if scores.device.type != "cpu" or not bool(recorded.all()):
+                norms = torch.stack([kv.key.float().flatten(2).norm(dim=-1) for kv in item.kv])  # (L, B, n)
+                scores = torch.where(recorded, scores, norms)
+            index = _top_tokens(scores.flatten(0, 1), max(1, math.ceil(keep_ratio * n)))  # (L*B, k)
+            return item.keep(list(index.unflatten(0, scores.shape[:2]).unbind(0)))
         index = []
         for kv, score in zip(item.kv, item.importance):
-            n = len(kv)
-            k = max(1, math.ceil(keep_ratio * n))
-            # fallback when no attention mass was recorded (per row): key norm; chosen on device, no sync
+            k = max(1, math.ceil(keep_ratio * len(kv)))
             recorded = (score > 0).any(dim=1, keepdim=True)  # (B, 1)
             score = torch.where(recorded, score, kv.key.float().flatten(2).norm(dim=-1))
             index.append(_top_tokens(score, k))  # (B, k)

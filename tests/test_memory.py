@@ -59,6 +59,25 @@ def test_key_norm_fallback_without_attention_mass():
     assert kept.kv[0].pos[0, :, 1].tolist() == expected
 
 
+def test_sparsify_ranks_every_layer_at_once_as_it_would_one_by_one():
+    """The stacked ranking equals a per-layer top-k, with the key-norm fallback chosen per layer and row."""
+    g = torch.Generator().manual_seed(3)
+    kvs = [fake_kv(8, 0, b=2, seed=i) for i in range(LAYERS)]
+    imp = [torch.rand(2, 8, generator=g) for _ in range(LAYERS)]
+    imp[1][0] = 0.0  # layer 1, row 0: no mass recorded -> key norm
+    item = MemoryChunk(chunk=0, segment=0, kv=kvs, importance=imp, embedding=unit([1, 0]))
+    kept = LongTermSparseKVCache.sparsify(item, keep_ratio=0.375)  # ceil(0.375 * 8) = 3
+    for layer in range(LAYERS):
+        for row in range(2):
+            score = imp[layer][row]
+            if not (score > 0).any():
+                score = kvs[layer].key[row].flatten(1).norm(dim=-1)
+            want = sorted(torch.topk(score, 3).indices.tolist())
+            assert kept.kv[layer].pos[row, :, 1].tolist() == want
+            assert torch.equal(kept.kv[layer].value[row], kvs[layer].value[row, want])
+            assert torch.equal(kept.importance[layer][row], imp[layer][row, want])
+
+
 def test_whole_entries_skip_the_importance_pass():
     """keep_ratio 1.0 without a token budget stores chunks whole, so no attention mass is computed for it."""
     item = fake_chunk(0, unit([1, 0]))
