@@ -9,6 +9,7 @@ angles, Wan's split of the head dimension into t/h/w parts).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -106,6 +107,25 @@ def rope_split(head_dim: int) -> tuple[int, int, int]:
     return head_dim - h_dim - w_dim, h_dim, w_dim
 
 
+@functools.lru_cache(maxsize=32)
+def _rope_inv_freqs(head_dim: int, theta: float, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Wan's inverse frequencies ``(head_dim / 2,)`` float64, its t/h/w parts concatenated, and the position
+    axis ``(head_dim / 2,)`` each one reads. Made once per (head_dim, theta, device), outside inference mode
+    (so training may use them too)."""
+    with torch.inference_mode(False):
+        freqs, axes = [], []
+        for axis, dim in enumerate(rope_split(head_dim)):
+            freqs.append(1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=device) / dim)))
+            axes.append(torch.full((dim // 2,), axis, dtype=torch.long, device=device))
+        return torch.cat(freqs), torch.cat(axes)
+
+
+def rope_angles(pos: Tensor, head_dim: int, theta: float = 10000.0) -> Tensor:
+    """Rotary angles ``(B, T, head_dim / 2)`` float64 of integer grid positions ``pos`` ``(B, T, 3)``."""
+    inv_freqs, axes = _rope_inv_freqs(head_dim, float(theta), pos.device)
+    return pos.to(torch.float64)[..., axes] * inv_freqs  # (B, T, head_dim / 2)
+
+
 def rope_cos_sin(pos: Tensor, head_dim: int, theta: float = 10000.0) -> tuple[Tensor, Tensor]:
     """Rotary cos/sin for integer grid positions.
 
@@ -116,15 +136,16 @@ def rope_cos_sin(pos: Tensor, head_dim: int, theta: float = 10000.0) -> tuple[Te
     Returns:
         ``(cos, sin)``, each ``(B, T, 1, head_dim)`` float32, interleave-repeated as in Wan.
     """
-    cos_parts, sin_parts = [], []
-    for axis, dim in enumerate(rope_split(head_dim)):
-        freqs = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=pos.device) / dim))
-        angles = pos[..., axis].to(torch.float64)[..., None] * freqs  # (B, T, dim/2)
-        cos_parts.append(angles.cos().repeat_interleave(2, dim=-1).float())
-        sin_parts.append(angles.sin().repeat_interleave(2, dim=-1).float())
-    cos = torch.cat(cos_parts, dim=-1)[:, :, None, :]  # (B, T, 1, head_dim)
-    sin = torch.cat(sin_parts, dim=-1)[:, :, None, :]
+    angles = rope_angles(pos, head_dim, theta)
+    cos = angles.cos().float().repeat_interleave(2, dim=-1)[:, :, None, :]  # (B, T, 1, head_dim)
+    sin = angles.sin().float().repeat_interleave(2, dim=-1)[:, :, None, :]
     return cos, sin
+
+
+def rope_freqs_at(pos: Tensor, head_dim: int, theta: float = 10000.0) -> Tensor:
+    """``rope_freqs(*rope_cos_sin(pos, ...))`` without the interleaved cos/sin: ``(B, T, 1, head_dim / 2)``."""
+    angles = rope_angles(pos, head_dim, theta)
+    return torch.complex(angles.cos().float(), angles.sin().float())[:, :, None, :]
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, out: Tensor | None = None) -> Tensor:

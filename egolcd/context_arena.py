@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .attention import LayerKV, apply_rope, apply_rope_complex, rope_cos_sin, rope_freqs, rope_in_place_ok
+from .attention import LayerKV, apply_rope, apply_rope_complex, rope_cos_sin, rope_freqs_at, rope_in_place_ok
 
 __all__ = ["ContextArena"]
 
@@ -94,11 +94,10 @@ class ContextArena:
         # 2. rotate the newly copied context keys at once, in place
         view_k, view_p = buf_k[:, fresh:start], buf_p[:, fresh:start]
         if start > fresh:
-            cos, sin = rope_cos_sin(view_p, buf_k.shape[-1], theta)
             if rope_in_place_ok(view_k):
-                apply_rope_complex(view_k, rope_freqs(cos, sin), out=view_k)
+                apply_rope_complex(view_k, rope_freqs_at(view_p, buf_k.shape[-1], theta), out=view_k)
             else:
-                apply_rope(view_k, cos, sin, out=view_k)
+                apply_rope(view_k, *rope_cos_sin(view_p, buf_k.shape[-1], theta), out=view_k)
         return LayerKV(
             buf_k[:, :start], buf_v[:, :start], buf_p[:, :start], rotated_key=buf_k[:, :start], storage=(buf_k, buf_v)
         )

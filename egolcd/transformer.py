@@ -364,6 +364,21 @@ class EgoLCDTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             return (out,)
         return Transformer2DModelOutput(sample=out)
 
+    def _chunk_rotary(
+        self, b: int, f: int, h: int, w: int, frame_start: int, device: torch.device
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Positions, cos/sin and complex rotary factors of a chunk's grid (inference fast path), kept for the
+        last few grids asked for: a chunk's denoising steps and clean pass all ask for the same one."""
+        key = (b, f, h, w, int(frame_start), str(device))
+        memo = self.__dict__.setdefault("_rotary_memo", {})
+        if key not in memo:
+            if len(memo) >= 8:
+                memo.clear()
+            pos = grid_positions(b, f, h, w, frame_start=frame_start, device=device)  # (B, N, 3)
+            cos, sin = rope_cos_sin(pos, self.head_dim)
+            memo[key] = (pos, cos, sin, rope_freqs(cos, sin))
+        return memo[key]
+
     def forward_chunk(
         self,
         hidden_states: Tensor,
@@ -407,13 +422,16 @@ class EgoLCDTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image
         )
         f, h, w = grid
-        pos = grid_positions(b, f, h, w, frame_start=frame_start, device=x.device)  # (B, N, 3)
-        cos, sin = rope_cos_sin(pos, self.head_dim)
         cache = encoder_hidden_states if isinstance(encoder_hidden_states, PromptCache) else None
         if cache is not None and torch.is_grad_enabled():
             raise ValueError("a PromptCache is for inference (no gradient); training passes the token states")
         fast = self.fast_path and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-        freqs = rope_freqs(cos, sin) if fast else None
+        if fast:  # the same positions for every denoising step and the clean pass of a chunk: made once
+            pos, cos, sin, freqs = self._chunk_rotary(b, f, h, w, frame_start, x.device)
+        else:
+            pos = grid_positions(b, f, h, w, frame_start=frame_start, device=x.device)  # (B, N, 3)
+            cos, sin = rope_cos_sin(pos, self.head_dim)
+            freqs = None
         ios = [
             _LayerIO(
                 cos=cos,

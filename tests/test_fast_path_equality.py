@@ -20,8 +20,11 @@ from egolcd.attention import (
     attention,
     attention_and_mass,
     attention_mass,
+    grid_positions,
     rope_cos_sin,
     rope_freqs,
+    rope_freqs_at,
+    rope_split,
 )
 from egolcd.bench import BenchConfig, run_policy
 from egolcd.flow import get_sampler, get_sigmas
@@ -171,6 +174,39 @@ def test_complex_rope_equals_the_pairwise_rotation():
     y = x.clone()
     apply_rope_complex(y, freqs, out=y)
     assert torch.allclose(y, ref, atol=1e-6, rtol=0)
+
+
+def test_rotary_tables_equal_wan_frequencies_computed_per_axis():
+    """Item 3: cos/sin from the cached frequency table are bit-identical to Wan's per-axis float64 formula, and
+    the complex factors made straight from positions equal those made from cos/sin."""
+    g = torch.Generator().manual_seed(1)
+    pos = torch.randint(-50, 400, (2, 30, 3), generator=g)
+    head_dim, theta = 24, 10000.0
+    ref_cos, ref_sin = [], []
+    for axis, dim in enumerate(rope_split(head_dim)):
+        freqs = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+        angles = pos[..., axis].to(torch.float64)[..., None] * freqs
+        ref_cos.append(angles.cos().repeat_interleave(2, dim=-1).float())
+        ref_sin.append(angles.sin().repeat_interleave(2, dim=-1).float())
+    cos, sin = rope_cos_sin(pos, head_dim, theta)
+    assert torch.equal(cos, torch.cat(ref_cos, -1)[:, :, None]) and torch.equal(sin, torch.cat(ref_sin, -1)[:, :, None])
+    assert torch.equal(rope_freqs_at(pos, head_dim, theta), rope_freqs(cos, sin))
+    with torch.inference_mode():  # the table made under inference mode still serves training
+        rope_cos_sin(pos, 30)
+    q = torch.randn(2, 30, 4, 30, requires_grad=True)
+    apply_rope(q, *rope_cos_sin(pos, 30)).sum().backward()
+    assert q.grad is not None
+
+
+def test_a_chunks_rotary_is_made_once_and_reused():
+    """Item 3: the denoising steps and the clean pass of a chunk share one rotary (same tensors); another
+    frame start gets its own, with the same values as the plain computation."""
+    model = EgoLCDTransformer3DModel.from_preset("tiny").eval()
+    a = model._chunk_rotary(1, K, 4, 4, 6, torch.device("cpu"))
+    assert model._chunk_rotary(1, K, 4, 4, 6, torch.device("cpu"))[3] is a[3]
+    b = model._chunk_rotary(1, K, 4, 4, 9, torch.device("cpu"))
+    pos = grid_positions(1, K, 4, 4, frame_start=9)
+    assert torch.equal(b[0], pos) and torch.equal(b[1], rope_cos_sin(pos, model.head_dim)[0])
 
 
 def test_fast_block_kernels_equal_the_plain_path():
