@@ -192,13 +192,14 @@ class PolicyRun:
         self.arena: Any = None
         self.tokens: list[int] | None = None
         self.mem_bytes: list[int] | None = None
+        self.passes: list[list[float]] = []  # per pass, per chunk seconds
         if self.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
 
     @torch.inference_mode()
     def one_pass(self) -> list[float]:
-        """The whole run from an empty memory, seeded the same every time: per-chunk seconds (context tokens
-        and memory bytes are kept, and must be the same in every pass)."""
+        """The whole run from an empty memory, seeded the same every time: per-chunk seconds (kept in
+        ``passes``; context tokens and memory bytes are kept too, and must be the same in every pass)."""
         from .memory import ContextArena, MemoryPolicy
         from .pipeline import generate_chunk
 
@@ -231,11 +232,12 @@ class PolicyRun:
             # same seeds, same work: or it is a bug
             raise RuntimeError(f"bench: pass of {self.policy_name} differs from the first (non-deterministic memory)")
         self.tokens, self.mem_bytes, self.policy, self.arena = tokens, mem_bytes, policy, arena
+        self.passes.append(seconds)
         return seconds
 
-    def result(self, passes: list[list[float]]) -> dict[str, Any]:
-        """Per-chunk timings (each chunk's fastest pass), sizes, peak memory, throughput and FLOPs."""
-        seconds = [min(times) for times in zip(*passes)]
+    def result(self) -> dict[str, Any]:
+        """Per-chunk timings (each chunk's fastest pass so far), sizes, peak memory, throughput and FLOPs."""
+        seconds = [min(times) for times in zip(*self.passes)]
         if self.device.startswith("cuda"):
             peak_mb = torch.cuda.max_memory_allocated() / 2**20
         else:
@@ -261,7 +263,9 @@ def run_policy(config: BenchConfig, policy_name: str) -> dict[str, Any]:
     """Generate ``config.chunks`` chunks under one policy, ``config.repeats`` passes in a row; per-chunk
     timings (each chunk's fastest pass) and sizes."""
     run = PolicyRun(config, policy_name)
-    return run.result([run.one_pass() for _ in range(config.repeats)])
+    for _ in range(config.repeats):
+        run.one_pass()
+    return run.result()
 
 
 # One PolicyRun per worker process (each process holds one policy, so its peak RSS is that policy's).
@@ -273,14 +277,14 @@ def _worker_start(config: BenchConfig, policy_name: str) -> None:
     _RUN = PolicyRun(config, policy_name)
 
 
-def _worker_pass() -> list[float]:
+def _worker_pass() -> None:
     assert _RUN is not None
-    return _RUN.one_pass()
+    _RUN.one_pass()
 
 
-def _worker_result(passes: list[list[float]]) -> dict[str, Any]:
+def _worker_result() -> dict[str, Any]:
     assert _RUN is not None
-    return _RUN.result(passes)
+    return _RUN.result()
 
 
 def flatness(chunk_seconds: list[float]) -> float | None:
@@ -309,14 +313,13 @@ def run_bench(config: BenchConfig, isolate: bool = True) -> dict[str, Any]:
         try:
             for name, pool in pools.items():
                 pool.submit(_worker_start, config, name).result()
-            passes: dict[str, list[list[float]]] = {name: [] for name in config.policies}
             for r in range(config.repeats):
                 for name, pool in pools.items():
                     logger.info("bench: %s, pass %d of %d, %d chunks (%s, %s)", name, r + 1, config.repeats,
                                 config.chunks, config.preset, config.device)
-                    passes[name].append(pool.submit(_worker_pass).result())
+                    pool.submit(_worker_pass).result()
             for name, pool in pools.items():
-                results[name] = pool.submit(_worker_result, passes[name]).result()
+                results[name] = pool.submit(_worker_result).result()
         finally:
             for pool in pools.values():
                 pool.shutdown(cancel_futures=True)
