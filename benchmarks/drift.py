@@ -110,6 +110,19 @@ def score(frames: np.ndarray, ep: dict) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------------------------------ generation
+def parse_policy(label: str) -> tuple[str, float | None]:
+    """``egolcd`` -> (``egolcd``, the model's memory guidance); ``egolcd:mg2`` -> (``egolcd``, 2.0)."""
+    name, _, option = label.partition(":")
+    if not option:
+        return name, None
+    if not option.startswith("mg"):
+        raise SystemExit(f"policy {label!r}: the only option is :mgG (memory guidance G), e.g. egolcd:mg2")
+    try:
+        return name, float(option[2:])
+    except ValueError:
+        raise SystemExit(f"policy {label!r}: memory guidance must be a number, e.g. egolcd:mg2") from None
+
+
 def _init_worker(model: str, threads: int) -> None:
     import torch
 
@@ -133,9 +146,10 @@ def _generate(job: tuple[int, dict, str, int, int]) -> tuple[int, str, int, np.n
     span = compiled.chunk_frames * compiled.vae_temporal
     max_chunks = min(compiled.num_chunks, (last - 1) // span + 2)
     t0 = time.perf_counter()
+    name, mg = parse_policy(policy)
     with tempfile.TemporaryDirectory() as tmp:
-        result = _PIPE(ep["narrative"], Path(tmp) / "v.mp4", memory=policy, steps=steps, seed=seed,
-                       progress=False, max_chunks=max_chunks, callback=keep)
+        result = _PIPE(ep["narrative"], Path(tmp) / "v.mp4", memory=name, steps=steps, seed=seed,
+                       memory_guidance=mg, progress=False, max_chunks=max_chunks, callback=keep)
     video = np.concatenate(frames, axis=0)[: result.num_frames]
     info = {"seconds": time.perf_counter() - t0,
             "peak_memory_bytes": max(c.memory_bytes for c in result.chunks),
@@ -210,12 +224,15 @@ def main() -> None:
     parser.add_argument("--data", required=True, help="held-out dataset (egolcd prepare-data, another seed)")
     parser.add_argument("--episodes", type=int, default=12)
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--policies", default="egolcd,dense,window,sink-window,none")
+    parser.add_argument("--policies", default="egolcd,dense,window,sink-window,none",
+                        help="comma-separated; NAME:mgG runs NAME with memory guidance G (e.g. egolcd:mg2)")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--workers", type=int, default=2, help="generation processes (1 thread each)")
     parser.add_argument("--out", default="outputs/drift")
     parser.add_argument("--gate-only", action="store_true",
                         help="only the teacher-forced memory gate (a minute; for checkpoints during training)")
+    parser.add_argument("--no-gate", action="store_true",
+                        help="skip the memory gate (it does not depend on sampling options such as :mgG)")
     parser.add_argument("--gate-t", default="0.6,0.9",
                         help="noise levels of the memory gate (comma-separated; at low noise the noisy latent "
                              "already shows most of the chunk, so memory matters most at high noise)")
@@ -235,11 +252,13 @@ def main() -> None:
     if not episodes:
         raise SystemExit(f"no held-out episode in {args.data} has a revisit to a middle segment")
     policies, seeds = args.policies.split(","), [int(s) for s in args.seeds.split(",")]
+    for p in policies:
+        parse_policy(p)  # a bad label fails now, not after the gate
     logger.info("%d episodes x %d seeds x %d policies", len(episodes), len(seeds), len(policies))
 
     # 1. The memory gate (teacher forcing on the real held-out latents), at each noise level
     reals = [read_video(ep["video"])[0] for ep in episodes]
-    gates = memory_gate(pipe, episodes, reals, [float(t) for t in args.gate_t.split(",")])
+    gates = {} if args.no_gate else memory_gate(pipe, episodes, reals, [float(t) for t in args.gate_t.split(",")])
     for t, gate in gates.items():
         logger.info("memory gate t=%s: %s", t, gate)
     if args.gate_only:
@@ -287,11 +306,11 @@ def main() -> None:
                     "peak_memory_kib": float(np.mean(values(p, "peak_memory_bytes"))) / 1024,
                     "median_chunk_seconds": float(np.mean(values(p, "median_chunk_seconds")))}
     diffs = {}
-    if "egolcd" in policies:
+    for mine in [p for p in policies if parse_policy(p)[0] == "egolcd"]:
         for other in policies:
-            if other != "egolcd":
-                d = np.array(values("egolcd", "revisit_psnr")) - np.array(values(other, "revisit_psnr"))
-                diffs[f"egolcd - {other}"] = bootstrap_mean_ci(d)
+            if other != mine and not (parse_policy(other)[0] == "egolcd" and policies.index(other) < policies.index(mine)):
+                d = np.array(values(mine, "revisit_psnr")) - np.array(values(other, "revisit_psnr"))
+                diffs[f"{mine} - {other}"] = bootstrap_mean_ci(d)
     mean = lambda key: float(np.nanmean([c[key] for c in ceiling]))  # noqa: E731
     summary = {"vae_reconstruction_psnr": mean("vae_reconstruction_psnr"), "real_revisit_psnr": mean("real_revisit_psnr"),
                "real_chance_psnr": mean("real_chance_psnr"), "vae_revisit_psnr": mean("vae_revisit_psnr"),

@@ -85,15 +85,24 @@ def chunk_denoiser(
     text: Tensor,
     negative: Tensor | None = None,
     guidance: float = 1.0,
+    memory_guidance: float = 1.0,
 ) -> Callable[[Tensor, Tensor], Tensor]:
-    """The model wrapped as ``v = denoiser(x, t)`` (t in [0, 1]) with one chunk's memory context fixed."""
+    """The model wrapped as ``v = denoiser(x, t)`` (t in [0, 1]) with one chunk's memory context fixed.
+
+    ``memory_guidance`` g != 1 (and retrieved entries in ``ctx``) guides on the long-term memory the way
+    classifier-free guidance guides on the prompt: ``v = v(sink + window) + g * (v(ctx) - v(sink + window))``
+    (history guidance, docs/METHOD.md), one more forward per step. Prompt guidance, if any, applies on top.
+    """
     k = int(transformer.config.chunk_frames)
 
-    def call(x: Tensor, t: Tensor, txt: Tensor) -> Tensor:
+    def call(x: Tensor, t: Tensor, txt: Tensor, c: ChunkContext = ctx) -> Tensor:
         timestep = to_model_timestep(t).to(x.device).reshape(-1, 1).expand(x.shape[0], k)
-        return transformer.forward_chunk(x, timestep, txt, ctx.layers, ctx.frame_start).sample
+        return transformer.forward_chunk(x, timestep, txt, c.layers, c.frame_start).sample
 
     cond: Callable[[Tensor, Tensor], Tensor] = lambda x, t: call(x, t, text)  # noqa: E731
+    if memory_guidance != 1.0 and ctx.retrieved_tokens:
+        no_memory = ctx.without_retrieved()
+        cond = cfg_denoiser(cond, lambda x, t: call(x, t, text, no_memory), memory_guidance)
     if negative is None or guidance == 1.0:
         return cond
     return cfg_denoiser(cond, lambda x, t: call(x, t, negative), guidance)
@@ -113,6 +122,7 @@ def generate_chunk(
     negative: Tensor | None = None,
     guidance: float = 1.0,
     arena: ContextArena | None = None,
+    memory_guidance: float = 1.0,
 ) -> tuple[Tensor, ChunkContext]:
     """One chunk of the EgoLCD loop: read memory, denoise, write memory (state advances by one chunk).
 
@@ -122,6 +132,8 @@ def generate_chunk(
         sigmas, sampler: the sampling schedule (on the host) and function (``egolcd.flow``).
         arena: preallocated context buffers reused across chunks (``ContextArena``); the returned
             context's tensors are views into it, valid until the next chunk.
+        memory_guidance: guidance scale on the retrieved long-term entries (``chunk_denoiser``), applied
+            only to chunks of a revisited place (``revisit`` given); 1 = off.
 
     Returns:
         ``(x0, ctx)``: the clean latents and the context the chunk saw.
@@ -129,7 +141,8 @@ def generate_chunk(
     # 1. Read memory: what this chunk sees
     ctx = policy.context(state, key, revisit, arena=arena, segment=segment)
     # 2. Denoise
-    x0 = sampler(chunk_denoiser(transformer, ctx, text, negative, guidance), noise, sigmas)
+    mg = memory_guidance if revisit else 1.0
+    x0 = sampler(chunk_denoiser(transformer, ctx, text, negative, guidance, mg), noise, sigmas)
     # 3. Write memory: a clean pass (t = 0) gives the chunk's keys/values and importance
     clean_pass_write(transformer, policy, state, ctx, x0, text, key, segment)
     return x0, ctx

@@ -287,6 +287,28 @@ class ChunkContext:
             for s in self.spans
         ]
 
+    @property
+    def retrieved_tokens(self) -> int:
+        """Tokens per layer of the retrieved long-term entries (they come first in the context)."""
+        return sum(s.end - s.start for s in self.spans if s.kind == "retrieved")
+
+    def without_retrieved(self) -> ChunkContext:
+        """The same context less its retrieved long-term entries: the sink and window as they are, at the
+        same frame positions (the current chunk keeps ``frame_start``, so every offset to the sink and
+        window is unchanged). The unconditional branch of memory guidance (``chunk_loop``)."""
+        r = self.retrieved_tokens
+        spans = [s for s in self.spans if s.kind != "retrieved"]
+        items = self.items[len(self.spans) - len(spans):]
+        layers = None
+        if self.layers is not None and len(self.layers[0]) > r:
+            layers = [  # views, no copy; without ``storage`` the current chunk is concatenated, not written in place
+                LayerKV(kv.key[:, r:], kv.value[:, r:], kv.pos[:, r:],
+                        None if kv.rotated_key is None else kv.rotated_key[:, r:])
+                for kv in self.layers
+            ]
+        spans = [ContextSpan(s.kind, s.chunk, s.segment, s.start - r, s.end - r, s.score) for s in spans]
+        return ChunkContext(layers, self.frame_start, self.abs_frame_start, spans, items)
+
 
 @dataclass
 class MemoryState:

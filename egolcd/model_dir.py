@@ -56,6 +56,8 @@ class GenerationConfig:
         fps, height, width: default video geometry (a narrative may override).
         steps, shift, sampler, guidance, negative_prompt: sampling defaults.
         memory: default memory configuration.
+        memory_guidance: guidance scale on the retrieved long-term entries of a revisit's chunks (1 = off;
+            ``chunk_loop.chunk_denoiser``).
         denoising_step_list, warp_denoising_step: a distilled model's own schedule (Self-Forcing,
             CausVid, LongLive: e.g. ``[1000, 750, 500, 250]``, warped with ``shift``), used by the
             ``distilled`` sampler at ``len(denoising_step_list)`` steps (``sampling_sigmas``).
@@ -72,6 +74,7 @@ class GenerationConfig:
     shift: FiniteFloat = 5.0
     sampler: StrictStr = "euler"
     guidance: FiniteFloat = 1.0
+    memory_guidance: FiniteFloat = 1.0
     negative_prompt: StrictStr = ""
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     denoising_step_list: StepList | None = None

@@ -210,6 +210,7 @@ class EgoLCDPipeline:
         steps: int | None = None,
         guidance: float | None = None,
         seed: int = 0,
+        memory_guidance: float | None = None,
         sampler: str | None = None,
         save_state: str | Path | None = None,
         save_state_every: int = 8,
@@ -226,6 +227,8 @@ class EgoLCDPipeline:
         Args:
             memory: policy name or a full ``MemoryConfig`` (default: the model's).
             steps, guidance, sampler: sampling (defaults: the model's).
+            memory_guidance: guidance on the retrieved long-term entries of a revisit's chunks (default:
+                the model's; 1 = off; ``chunk_loop.chunk_denoiser``).
             seed: noise seed; chunk ``i`` draws its noise from ``seed`` and ``i`` alone, so a resumed run
                 draws the same noise as an uninterrupted one.
             save_state: path of a memory-state file written every ``save_state_every`` chunks, on
@@ -245,6 +248,7 @@ class EgoLCDPipeline:
         """
         cfg = self.config
         check_generation_options(steps, guidance, seed, save_state_every)
+        check_generation_options(guidance=memory_guidance)
         if save_state is not None:
             check_state_path(save_state)
         if init_video is not None and init_image is not None:
@@ -258,6 +262,7 @@ class EgoLCDPipeline:
         fps = narrative.fps or cfg.fps
         steps = cfg.steps if steps is None else steps
         guidance = cfg.guidance if guidance is None else guidance
+        memory_guidance = cfg.memory_guidance if memory_guidance is None else memory_guidance
         sampler_name = sampler or cfg.sampler
         sample = get_sampler(sampler_name)
         if steps < 1:
@@ -296,6 +301,8 @@ class EgoLCDPipeline:
             "model": model_fingerprint(self.transformer, getattr(self.vae, "model", self.vae)),
             "segments": segment_fingerprints(narrative, compiled), "footage_frames": footage_frames,
         }
+        if memory_guidance != 1.0:  # absent when off: states saved before the option still resume
+            run_info["memory_guidance"] = memory_guidance
 
         # 1. Prompts: token states of each segment's full prompt; memory keys from its key text
         tokens, pooled = self._encode_prompts(compiled)
@@ -361,6 +368,7 @@ class EgoLCDPipeline:
                         x0, ctx = generate_chunk(
                             self.transformer, policy, state, noise.to(device, self.transformer.dtype),
                             prompts[seg], key, seg, revisit, sigmas, sample, negative, guidance, arena,
+                            memory_guidance,
                         )
                     latents_so_far.append(x0)
                     # 7. Decode and stream to the mp4
