@@ -2,7 +2,7 @@
 
     egolcd validate NARRATIVE.yaml
     egolcd generate NARRATIVE.yaml -o out.mp4 [--model DIR] [--memory egolcd|dense|window|sink-window|none]
-                    [--steps N] [--guidance G] [--seed S] [--save-state P] [--resume P]
+                    [--steps N] [--guidance G] [--memory-guidance G] [--seed S] [--save-state P] [--resume P]
                     [--from-video CLIP | --from-image PHOTO] [--no-footage-in-output]
     egolcd create-model DIR --preset tiny        # random weights, diffusers layout (tests, training start)
     egolcd create-model DIR --from-wan WAN_DIFFUSERS_DIR [--transformer CONVERTED]   # released weights, linked
@@ -130,7 +130,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     # every check before any weights load or any file is touched
     output = Path(args.output)
     _check_output(output)
-    check_generation_options(args.steps, args.guidance, args.seed, args.save_state_every)
+    check_generation_options(args.steps, args.guidance, args.seed, args.save_state_every, args.memory_guidance)
     check_distinct_paths(args.narrative, output, args.save_state, args.resume)
     if args.save_state is not None:
         check_state_path(args.save_state)
@@ -168,6 +168,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         memory=memory,
         steps=args.steps,
         guidance=args.guidance,
+        memory_guidance=args.memory_guidance,
         seed=args.seed,
         sampler=args.sampler,
         save_state=args.save_state,
@@ -381,6 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory", choices=MEMORY_POLICIES, help="memory policy (default: the model's, egolcd)")
     p.add_argument("--steps", type=int, help="sampling steps per chunk")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--memory-guidance", type=float,
+                   help="guidance on the retrieved memory of a revisit's chunks (default: the model's; 1 = off)")
     p.add_argument("--sampler", choices=["euler", "heun", "unipc", "flow_euler", "distilled"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-state", help="save the memory state here (every --save-state-every chunks)")

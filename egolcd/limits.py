@@ -92,7 +92,7 @@ def count_frames(seconds: list[float], fps: int) -> int:
 
 # ------------------------------------------------------------------------------------ generation options
 def check_generation_options(
-    steps: Any = None, guidance: Any = None, seed: Any = 0, save_state_every: Any = 8
+    steps: Any = None, guidance: Any = None, seed: Any = 0, save_state_every: Any = 8, memory_guidance: Any = None
 ) -> None:
     """One check of ``generate``'s options (the CLI, the studio and ``EgoLCDPipeline.__call__``).
 
@@ -104,9 +104,10 @@ def check_generation_options(
             raise ValueError(f"steps must be an integer, got {steps!r}")
         if not 1 <= steps <= STEPS_MAX:
             raise ValueError(f"steps must be between 1 and {STEPS_MAX}, got {steps}")
-    if guidance is not None:
-        if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
-            raise ValueError(f"guidance must be a finite number, got {guidance!r}")
+    for name, scale in (("guidance", guidance), ("memory guidance", memory_guidance)):
+        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                                  or not math.isfinite(scale)):
+            raise ValueError(f"{name} must be a finite number, got {scale!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
         raise ValueError(f"seed must be an integer from 0 to {SEED_MAX}, got {seed!r}")
     if isinstance(save_state_every, bool) or not isinstance(save_state_every, int) or save_state_every < 1:

@@ -247,8 +247,7 @@ class EgoLCDPipeline:
             no_footage_in_output: leave the footage's (VAE-reconstructed) frames out of the video.
         """
         cfg = self.config
-        check_generation_options(steps, guidance, seed, save_state_every)
-        check_generation_options(guidance=memory_guidance)
+        check_generation_options(steps, guidance, seed, save_state_every, memory_guidance)
         if save_state is not None:
             check_state_path(save_state)
         if init_video is not None and init_image is not None:

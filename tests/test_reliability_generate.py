@@ -76,7 +76,8 @@ def test_bad_state_path_fails_before_any_work(tmp_path, model_dir, capsys):
 
 
 @pytest.mark.parametrize("option,value,match", [
-    ("--guidance", "nan", "guidance"), ("--steps", "0", "steps"), ("--save-state-every", "0", "save-state-every"),
+    ("--guidance", "nan", "guidance"), ("--memory-guidance", "inf", "memory guidance"), ("--steps", "0", "steps"),
+    ("--save-state-every", "0", "save-state-every"),
     ("--seed", "99999999999999", "seed"), ("--device", "bogus", "device"),
 ])
 def test_bad_options_are_one_line(tmp_path, model_dir, capsys, option, value, match):
