@@ -86,12 +86,14 @@ def chunk_denoiser(
     negative: Tensor | None = None,
     guidance: float = 1.0,
     memory_guidance: float = 1.0,
+    short_term: ChunkContext | None = None,
 ) -> Callable[[Tensor, Tensor], Tensor]:
     """The model wrapped as ``v = denoiser(x, t)`` (t in [0, 1]) with one chunk's memory context fixed.
 
-    ``memory_guidance`` g != 1 (and retrieved entries in ``ctx``) guides on the long-term memory the way
-    classifier-free guidance guides on the prompt: ``v = v(sink + window) + g * (v(ctx) - v(sink + window))``
-    (history guidance, docs/METHOD.md), one more forward per step. Prompt guidance, if any, applies on top.
+    ``memory_guidance`` g != 1 with ``short_term`` (``ctx.short_term(...)``: the sink and window part of
+    ``ctx``) smaller than ``ctx`` guides on the long-term memory the way classifier-free guidance guides on
+    the prompt: ``v = v(short_term) + g * (v(ctx) - v(short_term))`` (history guidance, docs/METHOD.md),
+    one more forward per step. Prompt guidance, if any, applies on top.
     """
     k = int(transformer.config.chunk_frames)
 
@@ -100,9 +102,8 @@ def chunk_denoiser(
         return transformer.forward_chunk(x, timestep, txt, c.layers, c.frame_start).sample
 
     cond: Callable[[Tensor, Tensor], Tensor] = lambda x, t: call(x, t, text)  # noqa: E731
-    if memory_guidance != 1.0 and ctx.retrieved_tokens:
-        no_memory = ctx.without_retrieved()
-        cond = cfg_denoiser(cond, lambda x, t: call(x, t, text, no_memory), memory_guidance)
+    if memory_guidance != 1.0 and short_term is not None and short_term.tokens_per_layer < ctx.tokens_per_layer:
+        cond = cfg_denoiser(cond, lambda x, t: call(x, t, text, short_term), memory_guidance)
     if negative is None or guidance == 1.0:
         return cond
     return cfg_denoiser(cond, lambda x, t: call(x, t, negative), guidance)
@@ -132,8 +133,9 @@ def generate_chunk(
         sigmas, sampler: the sampling schedule (on the host) and function (``egolcd.flow``).
         arena: preallocated context buffers reused across chunks (``ContextArena``); the returned
             context's tensors are views into it, valid until the next chunk.
-        memory_guidance: guidance scale on the retrieved long-term entries (``chunk_denoiser``), applied
-            only to chunks of a revisited place (``revisit`` given); 1 = off.
+        memory_guidance: guidance scale on the context beyond the sink and window (``chunk_denoiser``:
+            egolcd's retrieved entries, dense's older chunks), applied only to chunks of a revisited place
+            (``revisit`` given); 1 = off.
 
     Returns:
         ``(x0, ctx)``: the clean latents and the context the chunk saw.
@@ -141,8 +143,9 @@ def generate_chunk(
     # 1. Read memory: what this chunk sees
     ctx = policy.context(state, key, revisit, arena=arena, segment=segment)
     # 2. Denoise
-    mg = memory_guidance if revisit else 1.0
-    x0 = sampler(chunk_denoiser(transformer, ctx, text, negative, guidance, mg), noise, sigmas)
+    short_term = ctx.short_term(policy.config.window_chunks, policy.config.sink) if revisit and memory_guidance != 1.0 else None
+    denoiser = chunk_denoiser(transformer, ctx, text, negative, guidance, memory_guidance, short_term)
+    x0 = sampler(denoiser, noise, sigmas)
     # 3. Write memory: a clean pass (t = 0) gives the chunk's keys/values and importance
     clean_pass_write(transformer, policy, state, ctx, x0, text, key, segment)
     return x0, ctx

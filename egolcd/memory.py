@@ -287,27 +287,33 @@ class ChunkContext:
             for s in self.spans
         ]
 
-    @property
-    def retrieved_tokens(self) -> int:
-        """Tokens per layer of the retrieved long-term entries (they come first in the context)."""
-        return sum(s.end - s.start for s in self.spans if s.kind == "retrieved")
-
-    def without_retrieved(self) -> ChunkContext:
-        """The same context less its retrieved long-term entries: the sink and window as they are, at the
-        same frame positions (the current chunk keeps ``frame_start``, so every offset to the sink and
-        window is unchanged). The unconditional branch of memory guidance (``chunk_loop``)."""
-        r = self.retrieved_tokens
-        spans = [s for s in self.spans if s.kind != "retrieved"]
-        items = self.items[len(self.spans) - len(spans):]
+    def short_term(self, window_chunks: int, sink: bool) -> ChunkContext:
+        """This context restricted to what the ``sink-window`` policy would see: the sink (chunk 0, when
+        ``sink``) and the last ``window_chunks`` window chunks, at the same frame positions, so every offset
+        to the current chunk is unchanged. Retrieved long-term entries (egolcd) and older window chunks
+        (dense) are left out. The unconditional branch of memory guidance (``chunk_loop``)."""
+        window = [i for i, s in enumerate(self.spans) if s.kind == "window"][-window_chunks:] if window_chunks else []
+        keep = [i for i, s in enumerate(self.spans) if i in window or (sink and s.chunk == 0 and s.kind != "retrieved")]
+        spans, offset = [], 0
+        for i in keep:
+            s = self.spans[i]
+            spans.append(ContextSpan(s.kind, s.chunk, s.segment, offset, offset + s.end - s.start, s.score))
+            offset += s.end - s.start
         layers = None
-        if self.layers is not None and len(self.layers[0]) > r:
-            layers = [  # views, no copy; without ``storage`` the current chunk is concatenated, not written in place
-                LayerKV(kv.key[:, r:], kv.value[:, r:], kv.pos[:, r:],
-                        None if kv.rotated_key is None else kv.rotated_key[:, r:])
+        if self.layers is not None and keep:
+            ranges = [(self.spans[i].start, self.spans[i].end) for i in keep]
+            if ranges[-1][1] - ranges[0][0] == offset:  # contiguous (egolcd: the suffix after the retrieved)
+                ranges = [(ranges[0][0], ranges[-1][1])]
+
+            def take(t: Tensor) -> Tensor:  # (B, T_kept, ...): a view when contiguous
+                return t[:, ranges[0][0] : ranges[0][1]] if len(ranges) == 1 else torch.cat(
+                    [t[:, a:b] for a, b in ranges], dim=1)
+
+            layers = [  # without ``storage``: attention concatenates the current chunk instead of writing in place
+                LayerKV(take(kv.key), take(kv.value), take(kv.pos), None if kv.rotated_key is None else take(kv.rotated_key))
                 for kv in self.layers
             ]
-        spans = [ContextSpan(s.kind, s.chunk, s.segment, s.start - r, s.end - r, s.score) for s in spans]
-        return ChunkContext(layers, self.frame_start, self.abs_frame_start, spans, items)
+        return ChunkContext(layers, self.frame_start, self.abs_frame_start, spans, [self.items[i] for i in keep])
 
 
 @dataclass

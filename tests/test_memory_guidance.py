@@ -1,7 +1,8 @@
 """Memory guidance: classifier-free guidance on the retrieved long-term entries of a revisit's chunks.
 
-Its unconditional branch is the same context less the retrieved entries; with rotary positions the
-sink and window keep their offsets to the current chunk, so that branch is the sink-window policy's.
+Its unconditional branch is the same context restricted to the sink and the short-term window (less
+egolcd's retrieved entries, less dense's older chunks); with rotary positions the sink and window keep
+their offsets to the current chunk, so that branch computes what the sink-window policy's context does.
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 @torch.inference_mode()
-def memory_after(model, chunks: int = 7):
-    """An egolcd memory state after ``chunks`` chunks (segments change every 2 chunks)."""
-    policy = MemoryPolicy.from_name("egolcd", K, PRESET.memory)
+def memory_after(model, chunks: int = 7, name: str = "egolcd"):
+    """A memory state after ``chunks`` chunks (segments change every 2 chunks)."""
+    policy = MemoryPolicy.from_name(name, K, PRESET.memory)
     state, arena = policy.init_state(), ContextArena(reserve=RESERVE)
     text, keys, noise = make_inputs(chunks + 2)
     sigmas, sample = get_sigmas(2, 5.0), get_sampler("euler")
@@ -32,21 +33,32 @@ def memory_after(model, chunks: int = 7):
     return policy, state, arena, text, keys, noise[chunks]
 
 
+@pytest.mark.parametrize("name", ["egolcd", "dense"])
 @torch.inference_mode()
-def test_without_retrieved_is_the_sink_window_context():
+def test_short_term_part_is_the_sink_window_context(name):
     model = make_model()
-    policy, state, arena, text, keys, x = memory_after(model)
+    policy, state, arena, text, keys, x = memory_after(model, name=name)
     ctx = policy.context(state, keys[1], revisit=[1], arena=arena, segment=2, count_retrieval=False)
-    assert ctx.retrieved_tokens > 0 and any(s.segment == 1 for s in ctx.spans if s.kind == "retrieved")
-    bare = ctx.without_retrieved()
-    assert [s["kind"] for s in bare.describe()] == [s["kind"] for s in ctx.describe() if s["kind"] != "retrieved"]
-    assert bare.tokens_per_layer == ctx.tokens_per_layer - ctx.retrieved_tokens
+    if name == "egolcd":
+        assert any(s.kind == "retrieved" and s.segment == 1 for s in ctx.spans)
+    short = ctx.short_term(PRESET.memory.window_chunks, PRESET.memory.sink)
     sink_window = MemoryPolicy.from_name("sink-window", K, PRESET.memory).context(state, keys[1], segment=2)
-    assert bare.tokens_per_layer == sink_window.tokens_per_layer
+    if name == "dense":  # dense holds no sink chunk of its own: build the sink-window state from the same chunks
+        sw_policy = MemoryPolicy.from_name("sink-window", K, PRESET.memory)
+        sw_state = sw_policy.init_state()
+        for item in state.window.chunks:
+            sw_state.window.push(item)
+        sw_state.chunk = state.chunk
+        sink_window = sw_policy.context(sw_state, keys[1], segment=2)
+    assert sorted(s.chunk for s in short.spans) == sorted(s.chunk for s in sink_window.spans)
+    assert short.tokens_per_layer == sink_window.tokens_per_layer < ctx.tokens_per_layer
     t = torch.tensor([0.7])
-    v_bare = chunk_denoiser(model, bare, text[2])(x, t)
+    v_short = chunk_denoiser(model, short, text[2])(x, t)
     v_sink_window = chunk_denoiser(model, sink_window, text[2])(x, t)
-    torch.testing.assert_close(v_bare, v_sink_window, atol=1e-5, rtol=1e-4)  # offsets kept, positions shifted
+    if name == "egolcd":  # the same offsets to the current chunk (positions shifted): the same function
+        torch.testing.assert_close(v_short, v_sink_window, atol=1e-5, rtol=1e-4)
+    else:  # dense keeps absolute positions: its chunk 0 stays where it was, farther than sink-window's sink
+        assert short.spans[0].chunk == 0 and (v_short - v_sink_window).abs().max() > 1e-4
 
 
 @torch.inference_mode()
@@ -56,11 +68,12 @@ def test_memory_guidance_extrapolates_from_sink_window_towards_memory():
     ctx = policy.context(state, keys[1], revisit=[1], arena=arena, segment=2, count_retrieval=False)
     t = torch.tensor([0.9])
     v_mem = chunk_denoiser(model, ctx, text[2])(x, t).clone()
-    v_bare = chunk_denoiser(model, ctx.without_retrieved(), text[2])(x, t)
+    short = ctx.short_term(PRESET.memory.window_chunks, PRESET.memory.sink)
+    v_bare = chunk_denoiser(model, short, text[2])(x, t)
     assert (v_mem - v_bare).abs().max() > 1e-3  # the retrieved entries change the prediction
-    torch.testing.assert_close(chunk_denoiser(model, ctx, text[2], memory_guidance=1.0)(x, t), v_mem)
-    torch.testing.assert_close(chunk_denoiser(model, ctx, text[2], memory_guidance=0.0)(x, t), v_bare)
-    v_g = chunk_denoiser(model, ctx, text[2], memory_guidance=2.5)(x, t)
+    torch.testing.assert_close(chunk_denoiser(model, ctx, text[2], memory_guidance=1.0, short_term=short)(x, t), v_mem)
+    torch.testing.assert_close(chunk_denoiser(model, ctx, text[2], memory_guidance=0.0, short_term=short)(x, t), v_bare)
+    v_g = chunk_denoiser(model, ctx, text[2], memory_guidance=2.5, short_term=short)(x, t)
     torch.testing.assert_close(v_g, v_bare + 2.5 * (v_mem - v_bare), atol=1e-5, rtol=1e-4)
 
 
