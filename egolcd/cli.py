@@ -307,6 +307,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if target["ratio"] is not None:
         verdict = "met" if target["met"] else "NOT met"
         sys.stdout.write(f"egolcd flatness {target['ratio']:.3f} (target <= {target['target']}): {verdict}\n")
+    ratio = result["policy_ratio"]
+    if ratio is not None:
+        low, high = ratio["paired_ci95"]
+        verdict = "established" if ratio["established"] else "met" if ratio["met"] else "NOT met"
+        sys.stdout.write(
+            f"egolcd / sink-window {ratio['ratio']:.3f}; paired by pass {ratio['paired_per_pass']:.3f} "
+            f"[{low:.3f}, {high:.3f}] over {ratio['passes']} passes (target <= {ratio['target']}): {verdict}\n"
+        )
     return 0
 
 

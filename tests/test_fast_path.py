@@ -282,3 +282,17 @@ def test_bench_alternates_passes_between_policy_processes():
         assert got["context_tokens"] == alone["context_tokens"] and got["memory_bytes"] == alone["memory_bytes"]
         assert len(got["chunk_seconds"]) == 4 and all(t > 0 for t in got["chunk_seconds"])
     assert result["policies"]["egolcd"]["context_tokens"][-1] > result["policies"]["window"]["context_tokens"][-1]
+
+
+def test_policy_ratio_pairs_passes():
+    """The bench's egolcd / sink-window ratio: medians of the per-chunk best, and per pass (paired), with a
+    bootstrap interval; a pass that was slow for both policies (load) does not move the paired ratio."""
+    from egolcd.bench import POLICY_RATIO_TARGET, policy_ratio
+
+    ego = {"chunk_seconds": [1.0, 1.1, 1.2], "pass_median_seconds": [1.05, 2.1, 1.05, 1.05]}
+    base = {"chunk_seconds": [1.0, 1.0, 1.0], "pass_median_seconds": [1.0, 2.0, 1.0, 1.0]}
+    r = policy_ratio({"egolcd": ego, "sink-window": base})
+    assert r["ratio"] == pytest.approx(1.1) and r["passes"] == 4
+    assert r["paired_per_pass"] == pytest.approx(1.05) and r["paired_ci95"][0] == pytest.approx(1.05)
+    assert r["met"] == (1.1 <= POLICY_RATIO_TARGET) and r["established"]
+    assert policy_ratio({"egolcd": ego}) is None
