@@ -300,8 +300,7 @@ class EgoLCDPipeline:
             "model": model_fingerprint(self.transformer, getattr(self.vae, "model", self.vae)),
             "segments": segment_fingerprints(narrative, compiled), "footage_frames": footage_frames,
         }
-        if memory_guidance != 1.0:  # absent when off: states saved before the option still resume
-            run_info["memory_guidance"] = memory_guidance
+        run_info["memory_guidance"] = memory_guidance  # a state saved before the option reads as 1.0 (off)
 
         # 1. Prompts: token states of each segment's full prompt; memory keys from its key text
         tokens, pooled = self._encode_prompts(compiled)
@@ -470,7 +469,7 @@ class EgoLCDPipeline:
         if extra.get("segments") is None:  # a state written before the segment fingerprints: same narrative only
             checked.insert(0, "narrative")
         for key in checked:
-            was, now = extra.get(key), run_info[key]
+            was, now = extra.get(key, 1.0 if key == "memory_guidance" else None), run_info[key]
             if was != now:
                 if key == "model":
                     raise ValueError(f"cannot resume from {resume}: it was made with other model weights")

@@ -182,6 +182,13 @@ def test_resume_with_other_weights_of_the_same_preset_is_refused(pipe, tmp_path)
         other(NARRATIVE, tmp_path / "x.mp4", steps=1, seed=3, progress=False, resume=state)
 
 
+def test_resume_with_other_memory_guidance_is_refused(pipe, tmp_path):
+    state = tmp_path / "s.safetensors"
+    pipe(NARRATIVE, tmp_path / "part.mp4", steps=1, progress=False, save_state=state, max_chunks=2, memory_guidance=2.0)
+    with pytest.raises(ValueError, match="memory_guidance=2.0, this run has 1.0"):
+        pipe(NARRATIVE, tmp_path / "x.mp4", steps=1, progress=False, resume=state, memory_guidance=1.0)
+
+
 def _md5(path: Path) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest()
 
