@@ -348,6 +348,8 @@ class MemoryPolicy:
         self.window_chunks: int | None = {"dense": None, "none": 1}.get(name, config.window_chunks)
         self.sink = name == "sink-window" or (name == "egolcd" and config.sink)
         self.long_term = name == "egolcd"
+        # a revisit's aligned first-visit entry is read on the current chunk's positions (egolcd and dense)
+        self.colocates = config.align_revisits and config.revisit_position == "current"
 
     @classmethod
     def from_name(cls, name: str, chunk_frames: int, base: MemoryConfig | None = None) -> MemoryPolicy:
@@ -420,6 +422,13 @@ class MemoryPolicy:
             retrieved = state.store.retrieve(
                 embedding, self.config.top_m, self.config.threshold, revisit, skip_segment=segment, progress=progress
             )
+        elif self.window_chunks is None and self.colocates and any(c.segment in revisit for c in state.window.chunks):
+            # dense: the whole history is in its window, and the aligned first-visit chunk is read once more on
+            # the current chunk's own positions, as egolcd reads it: dense sees a superset of egolcd's context
+            progress = self.segment_progress(state, segment)
+            history = LongTermSparseKVCache(keep_ratio=1.0, max_entries=len(state.window.chunks),
+                                            entries=list(state.window.chunks))
+            retrieved = history.retrieve(embedding, 1, None, revisit, skip_segment=segment, progress=progress)
         slots: list[tuple[str, MemoryChunk, float | None]] = [("retrieved", e, s) for e, s in retrieved]
         sink = state.window.sink_chunk
         if sink is not None:

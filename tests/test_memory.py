@@ -181,6 +181,28 @@ def test_colocated_revisit_entry_takes_the_current_chunks_frame_positions():
         MemoryConfig(revisit_position="nowhere")
 
 
+def test_dense_reads_the_colocated_revisit_entry_too():
+    """With ``revisit_position: current``, dense keeps its whole history and also reads the aligned first-visit
+    chunk on the current chunk's positions, as egolcd does: its context is a superset of egolcd's."""
+    cfg = MemoryConfig(policy="dense", window_chunks=2, keep_ratio=1.0, top_m=3, revisit_position="current")
+    policy = MemoryPolicy(cfg, chunk_frames=K)
+    state = policy.init_state()
+    for c, seg in enumerate([0, 1, 1, 2, 2, 2, 3, 3]):  # segment 3 revisits segment 1
+        emb = unit([1, 0, 0])
+        ctx = policy.context(state, emb, [1] if seg == 3 else [], segment=seg)
+        retrieved = [s for s in ctx.spans if s.kind == "retrieved"]
+        assert len([s for s in ctx.spans if s.kind == "window"]) == c  # the whole history, as always
+        if seg == 3:
+            assert [s.chunk for s in retrieved] == [c - 5]  # the aligned first-visit chunk, once more
+            frames = ctx.layers[0].pos[0, retrieved[0].start : retrieved[0].end, 0].unique().tolist()
+            assert frames[0] == ctx.frame_start and frames[-1] < ctx.frame_start + K
+        else:
+            assert not retrieved
+        policy.write(state, ctx, fake_chunk(c, emb).kv, emb, seg)
+    slot = MemoryPolicy(MemoryConfig(policy="dense", revisit_position="slot"), chunk_frames=K)
+    assert not slot.colocates  # the default layout: dense is the plain full history
+
+
 def test_budgets_hold_over_500_chunks():
     cfg = MemoryConfig(policy="egolcd", window_chunks=2, keep_ratio=0.25, top_m=2, max_entries=6, max_tokens=10)
     policy = MemoryPolicy(cfg, chunk_frames=K)
