@@ -270,10 +270,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from .limits import check_generation_options
     from .training import export_checkpoint
 
+    check_generation_options(memory_guidance=args.memory_guidance)
     out = export_checkpoint(
-        args.checkpoint, args.directory, merge=args.merge, use_ema=not args.no_ema, overwrite=args.overwrite
+        args.checkpoint, args.directory, merge=args.merge, use_ema=not args.no_ema, overwrite=args.overwrite,
+        memory_guidance=args.memory_guidance,
     )
     logger.info("exported %s to %s (load with egolcd generate --model %s)", args.checkpoint, out, out)
     return 0
@@ -489,6 +492,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--merge", action="store_true", help="merge LoRA into the base weights")
     p.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--memory-guidance", type=float,
+                   help="the model's default memory guidance for revisit chunks (default: the init model's)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("evaluate", help="drift, NRDP, revisit consistency, flicker (+FVD/CLIP with local weights)")

@@ -410,11 +410,11 @@ def test_export_full_finetune(tmp_path):
         make_cfg(tmp_path / "run", lora={"enabled": False}, optimizer={"lr": 1e-3}, max_steps=2),
         ClipDataset(),
     )
-    out = export_checkpoint(result.last_checkpoint, tmp_path / "model")
+    out = export_checkpoint(result.last_checkpoint, tmp_path / "model", memory_guidance=2.0)
     assert not (out / "transformer" / "lora").exists()
-    assert torch.equal(
-        chunk_output(EgoLCDPipeline.from_pretrained(out).transformer), chunk_output(result.model)
-    )
+    pipe = EgoLCDPipeline.from_pretrained(out)
+    assert torch.equal(chunk_output(pipe.transformer), chunk_output(result.model))
+    assert pipe.config.memory_guidance == 2.0  # the default the model ships with
 
 
 # --------------------------------------------------------------------------- samples, signals, data

@@ -26,6 +26,7 @@ def export_checkpoint(
     merge: bool = False,
     use_ema: bool = True,
     overwrite: bool = False,
+    memory_guidance: float | None = None,
 ) -> Path:
     """Write a model folder that ``EgoLCDPipeline.from_pretrained(out_dir)`` loads.
 
@@ -37,6 +38,8 @@ def export_checkpoint(
         merge: fold a LoRA into the base weights (plain transformer) instead of ``transformer/lora/``.
         use_ema: take the EMA weights when the checkpoint has them.
         overwrite: replace an existing non-empty ``out_dir``.
+        memory_guidance: the model's default memory guidance (``GenerationConfig.memory_guidance``); ``None``
+            keeps the init model's.
     """
     from ..vae import VideoVAE
 
@@ -85,6 +88,8 @@ def export_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     vae = VideoVAE.from_pretrained(init_dir / "vae")
     gen = _generation_config(cfg, init_dir)
+    if memory_guidance is not None:
+        gen.memory_guidance = float(memory_guidance)
     adapter = tmp / "lora-adapter"
     if cfg.lora.enabled and not merge:
         _save_lora_quietly(model, adapter)
