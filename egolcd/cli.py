@@ -337,7 +337,8 @@ def cmd_train_vae(args: argparse.Namespace) -> int:
         data=args.data, out=args.out, preset=args.preset, steps=args.steps, batch_size=args.batch_size,
         lr=args.lr, crop_frames=args.crop_frames, max_clips=args.max_clips, seed=args.seed,
         chunks_per_clip=args.chunks_per_clip, crop_size=args.crop_size, threads=args.threads,
-        init=args.init, decoder_only=args.decoder_only,
+        init=args.init, decoder_only=args.decoder_only, latent_channels=args.latent_channels,
+        base_dim=args.base_dim,
     )
     train_vae(config, device=args.device or "cpu")
     return 0
@@ -552,6 +553,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", help="a trained VAE folder to continue from")
     p.add_argument("--decoder-only", action="store_true",
                    help="train only the decoder (keeps the encoder, its latents and their statistics)")
+    p.add_argument("--latent-channels", type=int,
+                   help="a new VAE with this many latent channels (default: the preset's)")
+    p.add_argument("--base-dim", type=int, help="a new VAE with this base width (default: the preset's)")
     p.add_argument("--max-clips", type=int)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device")

@@ -35,7 +35,9 @@ class VAETrainConfig:
     frames); threads: torch CPU threads (``None``: torch's default); init: a trained VAE folder to continue
     from; decoder_only: train only the decoder (``post_quant_conv`` + ``decoder``) on the frozen encoder's
     posterior means, keeping the latent statistics, so latents already cached (and a DiT trained on them)
-    stay valid while reconstructions sharpen."""
+    stay valid while reconstructions sharpen; latent_channels, base_dim: a new VAE with this many latent
+    channels (``z_dim``) or this base width instead of the preset's (a DiT then needs as many input
+    channels: ``create-model --vae`` of the result)."""
 
     data: str
     out: str
@@ -53,6 +55,8 @@ class VAETrainConfig:
     threads: int | None = None
     init: str | None = None
     decoder_only: bool = False
+    latent_channels: int | None = None
+    base_dim: int | None = None
 
 
 def _load_clips(config: VAETrainConfig) -> torch.Tensor:
@@ -89,6 +93,10 @@ def train_vae(config: VAETrainConfig, device: str = "cpu") -> Path:
     """Train, measure latent statistics, save. Returns the output folder."""
     if (config.crop_frames - 1) % 4:
         raise ValueError(f"crop_frames must be 4k + 1, got {config.crop_frames}")
+    for name in ("latent_channels", "base_dim"):
+        value = getattr(config, name)
+        if value is not None and (value < 1 or config.init is not None):
+            raise ValueError(f"{name} must be a positive integer for a new VAE (not with init), got {value}")
     if config.threads:
         torch.set_num_threads(int(config.threads))
     preset = get_preset(config.preset)
@@ -99,7 +107,13 @@ def train_vae(config: VAETrainConfig, device: str = "cpu") -> Path:
     else:
         if config.decoder_only:
             raise ValueError("decoder_only needs init (a trained VAE whose encoder is kept)")
-        model = VideoVAE.from_config_dict(embedded_vae_config(preset), seed=config.seed).model.to(device)
+        vae_config = embedded_vae_config(preset)
+        if config.latent_channels is not None:
+            z = int(config.latent_channels)
+            vae_config.update(z_dim=z, latents_mean=[0.0] * z, latents_std=[1.0] * z)
+        if config.base_dim is not None:
+            vae_config.update(base_dim=int(config.base_dim))
+        model = VideoVAE.from_config_dict(vae_config, seed=config.seed).model.to(device)
     model.train().requires_grad_(not config.decoder_only)
     if config.decoder_only:
         model.encoder.eval()

@@ -60,3 +60,15 @@ def test_train_vae_improves_reconstruction_and_sets_statistics(tmp_path):
     assert main(["create-model", str(tmp_path / "model"), "--preset", "tiny", "--vae", str(out)]) == 0
     pipe = EgoLCDPipeline.from_pretrained(tmp_path / "model")
     assert pipe.vae.model.config.latents_std == after.model.config.latents_std
+
+
+def test_train_vae_with_more_latent_channels(tmp_path):
+    data = make_dataset(tmp_path / "data", n=2)
+    out = train_vae(VAETrainConfig(data=str(data), out=str(tmp_path / "vae"), preset="tiny", steps=2, batch_size=1,
+                                   log_every=100, chunks_per_clip=2, latent_channels=6, base_dim=8))
+    vae = VideoVAE.from_pretrained(out)
+    assert vae.model.config.z_dim == 6 and vae.model.config.base_dim == 8 and len(vae.model.config.latents_std) == 6
+    assert vae.latent_channels == 6
+    assert main(["train-vae", str(data), "--out", str(tmp_path / "bad"), "--preset", "tiny", "--init", str(out),
+                 "--latent-channels", "8"]) == 2  # a new width, not a continued VAE: one clear error
+    assert not (tmp_path / "bad").exists()
