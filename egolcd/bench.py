@@ -334,11 +334,13 @@ def run_bench(config: BenchConfig, isolate: bool = True) -> dict[str, Any]:
         try:
             for name, pool in pools.items():
                 pool.submit(_worker_start, config, name).result()
+            names = list(pools)
             for r in range(config.repeats):
-                for name, pool in pools.items():
+                for name in names[r % len(names) :] + names[: r % len(names)]:  # each round starts one later:
+                    # no policy always runs first (or right after the same other policy) in a round
                     logger.info("bench: %s, pass %d of %d, %d chunks (%s, %s)", name, r + 1, config.repeats,
                                 config.chunks, config.preset, config.device)
-                    pool.submit(_worker_pass).result()
+                    pools[name].submit(_worker_pass).result()
             for name, pool in pools.items():
                 results[name] = pool.submit(_worker_result).result()
         finally:
