@@ -109,6 +109,19 @@ def score(frames: np.ndarray, ep: dict) -> dict[str, float]:
     return {"revisit_psnr": float(np.nanmean(rev)), "chance_psnr": float(np.nanmean(cha))}
 
 
+def vae_round_trip(vae: Any, real: np.ndarray) -> np.ndarray:
+    """uint8 ``(T, H, W, 3)`` footage encoded and decoded whole by ``vae`` (cut to 4k + 1 frames)."""
+    import torch
+
+    from egolcd.video_io import to_uint8_frames
+
+    n = len(real) - (len(real) - 1) % vae.temporal_factor  # 4k + 1 frames
+    video = torch.from_numpy(real[:n]).permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0
+    with torch.no_grad():
+        rec = vae.decode(vae.encode(video.to(vae.device, vae.dtype)))
+    return to_uint8_frames(rec[0].float())
+
+
 # ------------------------------------------------------------------------------------------ generation
 def parse_policy(label: str) -> tuple[str, float | None]:
     """``egolcd`` -> (``egolcd``, the model's memory guidance); ``egolcd:mg2`` -> (``egolcd``, 2.0)."""
@@ -268,11 +281,7 @@ def main() -> None:
     # 2. Real footage: its own revisit consistency, and through the VAE (the ceiling)
     ceiling = []
     for ep, real in zip(episodes, reals):
-        n = len(real) - (len(real) - 1) % pipe.vae.temporal_factor  # 4k + 1 frames
-        video = torch.from_numpy(real[:n]).permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0
-        with torch.no_grad():
-            rec = pipe.vae.decode(pipe.vae.encode(video.to(pipe.vae.device, pipe.vae.dtype)))
-        rec = ((rec[0].permute(1, 2, 3, 0).float().clamp(-1, 1) + 1) * 127.5).round().byte().cpu().numpy()
+        rec = vae_round_trip(pipe.vae, real)
         s_real, s_vae = score(real, ep), score(rec, ep)
         ceiling.append(dict(video_id=ep["video_id"], vae_reconstruction_psnr=frame_psnr(rec, real[: len(rec)]),
                             real_revisit_psnr=s_real["revisit_psnr"], real_chance_psnr=s_real["chance_psnr"],

@@ -25,7 +25,7 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=12)
     parser.add_argument("--json", help="write the per-video figures here")
     args = parser.parse_args()
-    import torch
+    from drift import vae_round_trip  # the VAE ceiling's own round trip
 
     from egolcd.revisits import frame_psnr
     from egolcd.vae import VideoVAE
@@ -41,12 +41,8 @@ def main() -> None:
         vae = VideoVAE.from_pretrained(folder)
         scores = []
         for real in reals:
-            n = len(real) - (len(real) - 1) % vae.temporal_factor  # 4k + 1 frames
-            video = torch.from_numpy(real[:n]).permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0
-            with torch.no_grad():
-                rec = vae.decode(vae.encode(video.to(vae.device, vae.dtype)))
-            rec = ((rec[0].permute(1, 2, 3, 0).float().clamp(-1, 1) + 1) * 127.5).round().byte().cpu().numpy()
-            scores.append(frame_psnr(rec, real[:n]))
+            rec = vae_round_trip(vae, real)
+            scores.append(frame_psnr(rec, real[: len(rec)]))
         params = sum(p.numel() for p in vae.model.parameters())
         result[folder] = {"psnr": float(np.mean(scores)), "per_video": scores, "parameters": params,
                           "latent_channels": vae.latent_channels}

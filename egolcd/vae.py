@@ -74,13 +74,14 @@ EMBEDDED_VAE_CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
-def embedded_vae_config(preset: Preset) -> dict[str, Any]:
+def embedded_vae_config(preset: Preset, latent_channels: int | None = None) -> dict[str, Any]:
     """The embedded VAE config for ``preset`` (a copy), checked against the preset's latent geometry.
 
-    Presets without their own entry use the ``demo`` config with ``z_dim`` set to ``preset.latent_channels``.
+    Presets without their own entry use the ``demo`` config with ``z_dim`` set to ``preset.latent_channels``
+    (or ``latent_channels``: a VAE of another width, ``train-vae --latent-channels``).
     """
     cfg = json.loads(json.dumps(EMBEDDED_VAE_CONFIGS.get(preset.name, EMBEDDED_VAE_CONFIGS["demo"])))
-    z = preset.latent_channels
+    z = preset.latent_channels if latent_channels is None else latent_channels
     if cfg["z_dim"] != z:
         cfg.update(z_dim=z, latents_mean=[0.0] * z, latents_std=[1.0] * z)
     if (preset.vae_temporal, preset.vae_spatial) != (4, cfg["scale_factor_spatial"]):

@@ -107,10 +107,7 @@ def train_vae(config: VAETrainConfig, device: str = "cpu") -> Path:
     else:
         if config.decoder_only:
             raise ValueError("decoder_only needs init (a trained VAE whose encoder is kept)")
-        vae_config = embedded_vae_config(preset)
-        if config.latent_channels is not None:
-            z = int(config.latent_channels)
-            vae_config.update(z_dim=z, latents_mean=[0.0] * z, latents_std=[1.0] * z)
+        vae_config = embedded_vae_config(preset, config.latent_channels)
         if config.base_dim is not None:
             vae_config.update(base_dim=int(config.base_dim))
         model = VideoVAE.from_config_dict(vae_config, seed=config.seed).model.to(device)

@@ -162,21 +162,32 @@ def test_policy_reads_the_aligned_first_visit_chunk_at_a_fixed_offset():
     assert len(offsets) == 2 and offsets[0] == offsets[1] == (cfg.window_chunks + 2) * K
 
 
-def test_colocated_revisit_entry_takes_the_current_chunks_frame_positions():
-    cfg = MemoryConfig(policy="egolcd", window_chunks=2, keep_ratio=1.0, top_m=3, revisit_position="current")
+def colocated_revisit_walk(policy_name: str):
+    """Chunks of segments 0, 1, 1, 2, 2, 2, 3, 3 (segment 3 revisits 1) under ``policy_name`` with
+    ``revisit_position: current``: yields ``(chunk, segment, context)``, then writes the chunk."""
+    cfg = MemoryConfig(policy=policy_name, window_chunks=2, keep_ratio=1.0, top_m=3, revisit_position="current")
     policy = MemoryPolicy(cfg, chunk_frames=K)
     state = policy.init_state()
-    for c, seg in enumerate([0, 1, 1, 2, 2, 2, 3, 3]):  # segment 3 revisits segment 1
+    for c, seg in enumerate([0, 1, 1, 2, 2, 2, 3, 3]):
         emb = unit([1, 0, 0])
         ctx = policy.context(state, emb, [1] if seg == 3 else [], segment=seg)
+        yield c, seg, ctx
+        policy.write(state, ctx, fake_chunk(c, emb).kv, emb, seg)
+
+
+def current_chunk_frames(ctx, span) -> bool:
+    frames = ctx.layers[0].pos[0, span.start : span.end, 0].unique().tolist()
+    return frames[0] == ctx.frame_start and frames[-1] < ctx.frame_start + K
+
+
+def test_colocated_revisit_entry_takes_the_current_chunks_frame_positions():
+    for c, seg, ctx in colocated_revisit_walk("egolcd"):
         if seg == 3:
             last = [s for s in ctx.spans if s.kind == "retrieved"][-1]
             assert last.chunk == c - 5  # the aligned first-visit chunk
-            frames = ctx.layers[0].pos[0, last.start : last.end, 0].unique().tolist()
-            assert frames[0] == ctx.frame_start and frames[-1] < ctx.frame_start + K  # the current chunk's frames
+            assert current_chunk_frames(ctx, last)
             others = [s for s in ctx.spans if s is not last]
             assert all(ctx.layers[0].pos[0, s.start : s.end, 0].max() < ctx.frame_start for s in others)
-        policy.write(state, ctx, fake_chunk(c, emb).kv, emb, seg)
     with pytest.raises(ValueError, match="revisit_position"):
         MemoryConfig(revisit_position="nowhere")
 
@@ -184,21 +195,14 @@ def test_colocated_revisit_entry_takes_the_current_chunks_frame_positions():
 def test_dense_reads_the_colocated_revisit_entry_too():
     """With ``revisit_position: current``, dense keeps its whole history and also reads the aligned first-visit
     chunk on the current chunk's positions, as egolcd does: its context is a superset of egolcd's."""
-    cfg = MemoryConfig(policy="dense", window_chunks=2, keep_ratio=1.0, top_m=3, revisit_position="current")
-    policy = MemoryPolicy(cfg, chunk_frames=K)
-    state = policy.init_state()
-    for c, seg in enumerate([0, 1, 1, 2, 2, 2, 3, 3]):  # segment 3 revisits segment 1
-        emb = unit([1, 0, 0])
-        ctx = policy.context(state, emb, [1] if seg == 3 else [], segment=seg)
+    for c, seg, ctx in colocated_revisit_walk("dense"):
         retrieved = [s for s in ctx.spans if s.kind == "retrieved"]
         assert len([s for s in ctx.spans if s.kind == "window"]) == c  # the whole history, as always
         if seg == 3:
             assert [s.chunk for s in retrieved] == [c - 5]  # the aligned first-visit chunk, once more
-            frames = ctx.layers[0].pos[0, retrieved[0].start : retrieved[0].end, 0].unique().tolist()
-            assert frames[0] == ctx.frame_start and frames[-1] < ctx.frame_start + K
+            assert current_chunk_frames(ctx, retrieved[0])
         else:
             assert not retrieved
-        policy.write(state, ctx, fake_chunk(c, emb).kv, emb, seg)
     slot = MemoryPolicy(MemoryConfig(policy="dense", revisit_position="slot"), chunk_frames=K)
     assert not slot.colocates  # the default layout: dense is the plain full history
 
