@@ -130,6 +130,28 @@ def test_one_pass_importance_equals_the_exact_softmax_mass(stride, num_context):
     assert torch.allclose(out_fb, out, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("stride", [1, 3])
+@pytest.mark.parametrize("num_context", [0, 1, 150])
+@pytest.mark.parametrize("start", [0, 1, 60])
+def test_small_problems_take_one_explicit_softmax_with_the_same_mass(stride, num_context, start):
+    """Below ``EXPLICIT_MASS_SCORES`` (the tiny preset's clean pass) one explicit softmax gives the output
+    and the mass: the same quantities as the attention and the exact mass."""
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(1, 32, 2, 12, generator=g) * 2
+    k = torch.randn(1, num_context + 32, 2, 12, generator=g) * 2
+    v = torch.randn(1, num_context + 32, 2, 12, generator=g)
+    assert q.shape[2] * q.shape[1] * k.shape[1] <= attention_module.EXPLICIT_MASS_SCORES  # the default takes it
+    exact = attention_mass(q[:, ::stride], k, num_context, start=min(start, num_context))
+    for explicit_max in (None, 1 << 30):
+        out, mass = attention_and_mass(q, k, v, num_context, stride, start=min(start, num_context),
+                                       explicit_max=explicit_max)
+        assert mass.shape == exact.shape == (1, num_context - min(start, num_context))
+        assert torch.allclose(mass, exact, atol=1e-7, rtol=1e-5)
+        assert torch.allclose(out, attention(q, k, v), atol=1e-5, rtol=1e-5)  # float rounding of sharp softmaxes
+    _, kernel_mass = attention_and_mass(q, k, v, num_context, stride, start=min(start, num_context), explicit_max=0)
+    assert torch.allclose(kernel_mass, exact, atol=1e-7, rtol=1e-4)
+
+
 @pytest.mark.parametrize("start", [0, 60, 150])
 def test_mass_of_a_context_suffix_is_the_same_slice_of_the_whole_mass(start):
     """Scoring only context keys ``start ..`` (the window) gives exactly that slice of the whole mass, in
