@@ -72,6 +72,9 @@ class LayerKV:
     def gather(self, index: Tensor) -> LayerKV:
         """Select tokens per batch element. ``index``: ``(B, k)`` int64 token indices."""
         b, k = index.shape
+        if b == 1:  # one row (generation): index_select, 3 ops instead of 5
+            ix = index[0]
+            return LayerKV(self.key.index_select(1, ix), self.value.index_select(1, ix), self.pos.index_select(1, ix))
         idx4 = index[:, :, None, None].expand(b, k, self.key.shape[2], self.key.shape[3])
         return LayerKV(
             key=torch.gather(self.key, 1, idx4),
@@ -288,8 +291,8 @@ def attention_and_mass(
     if q.device.type == "cpu" and q.dtype == torch.float32 and b * h * tq * kt.shape[2] <= small:
         # a small problem: one softmax, its probabilities give the output and the mass
         probs = torch.softmax((qt @ kt.transpose(-1, -2)).mul_(scale), dim=-1)  # (B, h, tq, Tk)
-        sampled = probs[:, :, ::stride]
-        mass = sampled[..., start:num_context].sum(dim=(1, 2)).div_(h * sampled.shape[2])  # (B, n)
+        sampled = probs if stride == 1 else probs[:, :, ::stride]
+        mass = sampled[..., start:num_context].mean(dim=(1, 2))  # (B, n): mean over heads and queries
         return (probs @ vt).transpose(1, 2), mass
     if _flash_cpu is not None and q.device.type == "cpu":
         out, lse = _flash_cpu(qt, kt, vt)

@@ -57,6 +57,8 @@ class MemoryChunk:
         importance: per layer ``(B, n_l)`` accumulated attention mass received from later queries.
         embedding: ``(B, E)`` pooled prompt embedding of its segment (the long-term key).
         retrievals: how many times a long-term entry was read (eviction order).
+        mass_recorded: every layer's ``importance`` has received attention mass (``MemoryPolicy.write``), so
+            ``sparsify`` ranks by it without checking for rows that never did (key-norm fallback).
     """
 
     chunk: int
@@ -65,6 +67,7 @@ class MemoryChunk:
     importance: list[Tensor]
     embedding: Tensor
     retrievals: int = 0
+    mass_recorded: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -81,9 +84,11 @@ class MemoryChunk:
             chunk=self.chunk,
             segment=self.segment,
             kv=[kv.gather(ix.to(kv.key.device)) for kv, ix in zip(self.kv, per_layer)],
-            importance=[torch.gather(s, 1, ix) for s, ix in zip(self.importance, per_layer)],
+            importance=[s.index_select(1, ix[0]) if len(ix) == 1 else torch.gather(s, 1, ix)
+                        for s, ix in zip(self.importance, per_layer)],
             embedding=self.embedding,
             retrievals=self.retrievals,
+            mass_recorded=self.mass_recorded,
         )
 
 
@@ -152,10 +157,11 @@ class LongTermSparseKVCache:
         if len(sizes) == 1:  # every layer holds the same tokens (a chunk leaving the window): rank all at once
             n = sizes.pop()
             scores = torch.stack(item.importance)  # (L, B, n)
-            recorded = (scores > 0).any(dim=2, keepdim=True)  # (L, B, 1)
-            # fallback when no attention mass was recorded (per layer and row): key norm. On the CPU the check
-            # is free, so the norms are only computed when needed; on an accelerator, chosen without a sync.
-            if scores.device.type != "cpu" or not bool(recorded.all()):
+            # fallback when no attention mass was recorded (per layer and row): key norm. Chunks that went
+            # through the window's clean passes skip the check; otherwise on the CPU the norms are only computed
+            # when needed, and on an accelerator the fallback is chosen without a sync.
+            recorded = None if item.mass_recorded else (scores > 0).any(dim=2, keepdim=True)  # (L, B, 1)
+            if recorded is not None and (scores.device.type != "cpu" or not bool(recorded.all())):
                 norms = torch.stack([kv.key.float().flatten(2).norm(dim=-1) for kv in item.kv])  # (L, B, n)
                 scores = torch.where(recorded, scores, norms)
             index = _top_tokens(scores.flatten(0, 1), max(1, math.ceil(keep_ratio * n)))  # (L*B, k)
@@ -224,7 +230,7 @@ class LongTermSparseKVCache:
         if not self.entries or top_m <= 0:
             return []
         keys = torch.stack([e.embedding.float() for e in self.entries], dim=1)  # (B, M, E)
-        sims = torch.nn.functional.cosine_similarity(query.float()[:, None], keys, dim=-1).mean(0)  # (M,)
+        sims = torch.nn.functional.cosine_similarity(query.float()[:, None], keys, dim=-1).mean(0).tolist()  # M
         forced = [i for i, e in enumerate(self.entries) if e.segment in forced_segments]
         if progress is None:
             chosen = sorted(forced, key=lambda i: self.entries[i].chunk, reverse=True)[:top_m]
@@ -240,7 +246,7 @@ class LongTermSparseKVCache:
 
             chosen = sorted(forced, key=distance)[:top_m]
         n_forced = len(chosen)
-        order = torch.argsort(sims, descending=True, stable=True).tolist()
+        order = sorted(range(len(sims)), key=lambda i: -sims[i])  # stable: ties keep time order
         for i in order:
             if len(chosen) >= top_m:
                 break
@@ -252,7 +258,7 @@ class LongTermSparseKVCache:
             chosen.sort(key=lambda i: self.entries[i].chunk)
         else:  # similarity picks in time order, then the forced ones with the aligned entry last
             chosen = sorted(chosen[n_forced:], key=lambda i: self.entries[i].chunk) + chosen[:n_forced][::-1]
-        return [(self.entries[i], float(sims[i])) for i in chosen]
+        return [(self.entries[i], sims[i]) for i in chosen]
 
 
 @dataclass
@@ -448,8 +454,9 @@ class MemoryPolicy:
             for span, item in zip(ctx.spans, ctx.items):
                 if span.start < first or span.kind == "sink":
                     continue
-                for layer, mass in enumerate(attention_mass):
-                    item.importance[layer] = item.importance[layer] + mass[:, span.start - offset : span.end - offset].float()
+                for layer, mass in enumerate(attention_mass):  # (B, n) float32, no gradient
+                    item.importance[layer].add_(mass[:, span.start - offset : span.end - offset])
+                item.mass_recorded = len(attention_mass) == len(item.importance)
         shift = ctx.abs_frame_start - ctx.frame_start
         stored = [layer_kv.detach().shift_frames(shift) for layer_kv in kv]
         item = MemoryChunk(
@@ -498,7 +505,7 @@ class MemoryPolicy:
                     tensors[f"{p}.{layer}.importance"] = score.clone()
                 layout[group].append(
                     {"chunk": item.chunk, "segment": item.segment, "retrievals": item.retrievals,
-                     "layers": len(item.kv)}
+                     "layers": len(item.kv), "mass_recorded": item.mass_recorded}
                 )
         meta = {
             "format": STATE_FORMAT,
@@ -551,6 +558,7 @@ class MemoryPolicy:
                         chunk=info["chunk"],
                         segment=info["segment"],
                         retrievals=info["retrievals"],
+                        mass_recorded=bool(info.get("mass_recorded", False)),  # states saved before 2026-12-03: checked
                         embedding=tensors[f"{p}.embedding"],
                         kv=[
                             LayerKV(tensors[f"{p}.{i}.key"], tensors[f"{p}.{i}.value"], tensors[f"{p}.{i}.pos"])

@@ -78,6 +78,27 @@ def test_sparsify_ranks_every_layer_at_once_as_it_would_one_by_one():
             assert torch.equal(kept.importance[layer][row], imp[layer][row, want])
 
 
+def test_chunks_scored_in_the_window_skip_the_fallback_check_with_the_same_result():
+    """``MemoryPolicy.write`` marks a chunk whose every layer received attention mass (``mass_recorded``);
+    ``sparsify`` then ranks by the mass without the per-row check, and keeps exactly what the check would."""
+    model, x0, eps, t, text, embs = model_and_clip(n_chunks=4)
+    policy = MemoryPolicy.from_name("egolcd", K, MemoryConfig(window_chunks=2, keep_ratio=0.5, top_m=1))
+    state = policy.init_state()
+    with torch.no_grad():
+        for i in range(3):
+            ctx = policy.context(state, embs[i])
+            out = model.forward_chunk(x0[:, :, i * K : (i + 1) * K], torch.zeros(1, K), text, ctx.layers,
+                                      ctx.frame_start, return_kv=True, return_attention_mass=True)
+            policy.write(state, ctx, out.kv, embs[i], i, out.attention_mass)
+    scored, newest = state.window.chunks  # chunk 1 was scored by chunk 2's clean pass; chunk 2 by none yet
+    assert scored.mass_recorded and not newest.mass_recorded
+    unmarked = MemoryChunk(scored.chunk, scored.segment, scored.kv, scored.importance, scored.embedding)
+    fast, checked = (LongTermSparseKVCache.sparsify(c, 0.5) for c in (scored, unmarked))
+    for a, b in zip(fast.kv, checked.kv):
+        assert torch.equal(a.key, b.key) and torch.equal(a.pos, b.pos)
+    assert fast.mass_recorded and not checked.mass_recorded
+
+
 def test_whole_entries_skip_the_importance_pass():
     """keep_ratio 1.0 without a token budget stores chunks whole, so no attention mass is computed for it."""
     item = fake_chunk(0, unit([1, 0]))
@@ -343,9 +364,12 @@ def test_state_round_trip_is_exact(tmp_path):
         for i in range(4):
             step(state, i)
         policy.save_state(state, tmp_path / "mem.safetensors", extra={"seed": 3}, extra_tensors={"z": x0})
+        saved_flags = [c.mass_recorded for c in state.window.chunks + state.store.entries]
         tail = [step(state, i) for i in (4, 5)]
         restored, extra, extra_tensors = policy.load_state(tmp_path / "mem.safetensors")
         assert extra == {"seed": 3} and restored.chunk == 4 and torch.equal(extra_tensors["z"], x0)
+        flags = [c.mass_recorded for c in restored.window.chunks + restored.store.entries]
+        assert flags == saved_flags and any(flags) and not all(flags)  # the newest chunk is not scored yet
         tail2 = [step(restored, i) for i in (4, 5)]
     for a, b in zip(tail, tail2):
         assert torch.equal(a, b)
