@@ -449,3 +449,39 @@ def test_lora_save_load_merge(tmp_path):
         assert (fresh(x, torch.tensor([300.0]), text, return_dict=False)[0] - adapted).abs().max() < 1e-4
     with pytest.raises(FileNotFoundError):
         load_lora(fresh, tmp_path / "nothing")
+
+
+@pytest.mark.parametrize("inference", [False, True])
+def test_retrieval_reuses_its_last_ranking_only_when_ranking_would_give_it_again(inference):
+    """The store's memo of its last similarity-only retrieval never changes a result: over a random run of
+    writes (own and other segments), evictions, changing and in-place modified queries, every retrieval
+    equals the same retrieval by a fresh store holding the same entries (no memo). Under inference mode
+    (tensors without version counters) too, except for stored keys modified in place, which egolcd never does."""
+    with torch.inference_mode(inference):
+        _retrieval_memo_run(inference)
+
+
+def _retrieval_memo_run(inference):
+    g = torch.Generator().manual_seed(7)
+    keys = [torch.nn.functional.normalize(torch.randn(1, 4, generator=g), dim=-1) for _ in range(4)]
+    store = LongTermSparseKVCache(keep_ratio=1.0, max_entries=6)
+    reused = 0
+    for step in range(300):
+        r = torch.rand((), generator=g).item()
+        segment = (step // 8) % 4 if r < 0.85 else int(torch.randint(0, 4, (), generator=g))  # mostly in order
+        if r < 0.6 or r > 0.85:
+            store.write(MemoryChunk(step, segment, [fake_kv(2, step)], [torch.zeros(1, 2)], keys[segment]))
+        elif r < 0.63:
+            keys[segment].mul_(-1.0)  # in place: a memo of this query must not survive it
+        elif r < 0.66 and not inference:
+            keys[(segment + 1) % 4].mul_(-1.0)  # another segment's key, held by entries: nor this
+        query = keys[segment] if r < 0.75 else keys[segment].clone()
+        skip = segment if r < 0.95 else None
+        top_m, threshold = 1 + (step // 40) % 3, (None, 0.0)[(step // 60) % 2]
+        memo_before = store._memo
+        got = store.retrieve(query, top_m, threshold, skip_segment=skip)
+        fresh = LongTermSparseKVCache(keep_ratio=1.0, max_entries=6, entries=list(store.entries))
+        want = fresh.retrieve(query, top_m, threshold, skip_segment=skip)
+        assert [(e.uid, s) for e, s in got] == [(e.uid, s) for e, s in want]
+        reused += store._memo is memo_before and bool(got)
+    assert reused > 10  # the memo was exercised, not only rebuilt
