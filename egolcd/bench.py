@@ -48,7 +48,7 @@ class BenchConfig:
     dynamic shapes); offload: keep the long-term store's keys/values in CPU memory; text_tokens: prompt
     length (512 for umT5 in Wan2.1); repeats: run the whole sequence this many times (same seeds, same
     work) and keep each chunk's fastest time, so a load burst on a shared machine does not pass for
-    growth with length (with one process per policy, the passes alternate between policies, so it does
+    growth with length (with one process per policy, the policies take turns chunk by chunk, so it does
     not pass for a policy's cost either); importance_stride: ``MemoryConfig.importance_query_stride``;
     arena: preallocated context buffers (``False``: concatenate new tensors every step, the training
     path; for side-by-side comparison); fast_path: the transformer's inference fast path (per-prompt
@@ -194,46 +194,70 @@ class PolicyRun:
         self.tokens: list[int] | None = None
         self.mem_bytes: list[int] | None = None
         self.passes: list[list[float]] = []  # per pass, per chunk seconds
+        self._pass: dict[str, Any] = {}  # the pass under way (begin_pass .. end_pass)
         if self.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
 
-    @torch.inference_mode()
     def one_pass(self) -> list[float]:
         """The whole run from an empty memory, seeded the same every time: per-chunk seconds (kept in
         ``passes``; context tokens and memory bytes are kept too, and must be the same in every pass)."""
-        from .memory import ContextArena, MemoryPolicy
-        from .pipeline import generate_chunk
+        self.begin_pass()
+        for _ in range(self.config.chunks):
+            self.step()
+        return self.end_pass()
 
-        config, model, device, k = self.config, self.model, self.device, self.k
-        policy = MemoryPolicy.from_name(self.policy_name, k, self.memory)
-        state = policy.init_state()
-        arena = ContextArena(reserve=self.n_tokens, reuse=config.fast_path) if config.arena else None
+    def begin_pass(self) -> None:
+        """Start a pass: an empty memory, the seeded prompts and noise (``step`` then runs one chunk)."""
+        from .memory import ContextArena, MemoryPolicy
+
+        config, model, device = self.config, self.model, self.device
+        policy = MemoryPolicy.from_name(self.policy_name, self.k, self.memory)
         g = torch.Generator().manual_seed(config.seed)
         texts = torch.randn(config.segments, 1, config.text_tokens, model.config.text_dim, generator=g)
-        texts = texts.to(device, self.dtype)
-        prompts: dict[int, Any] = {}  # per segment, made at the segment's first chunk (as the pipeline does)
         keys = torch.nn.functional.normalize(torch.randn(config.segments, 1, 64, generator=g), dim=-1).to(device)
-        seconds, tokens, mem_bytes = [], [], []
-        for c in range(config.chunks):
-            seg = c * config.segments // config.chunks
-            noise = torch.randn((1, self.preset.latent_channels, k, *self.latent_hw), generator=g)
-            noise = noise.to(device, self.dtype)
-            _sync(device)
-            t0 = time.perf_counter()
-            if seg not in prompts:
-                prompts[seg] = model.prompt_cache(texts[seg]) if config.fast_path else texts[seg]
-            _, ctx = generate_chunk(
-                model, policy, state, noise, prompts[seg], keys[seg], seg, [], self.sigmas, self.sample, arena=arena
-            )
-            _sync(device)
-            seconds.append(time.perf_counter() - t0)
-            tokens.append(ctx.tokens_per_layer)
-            mem_bytes.append(state.nbytes)
+        self._pass = {
+            "policy": policy, "state": policy.init_state(), "g": g, "texts": texts.to(device, self.dtype),
+            "keys": keys, "prompts": {},  # per segment, made at the segment's first chunk (as the pipeline does)
+            "arena": ContextArena(reserve=self.n_tokens, reuse=config.fast_path) if config.arena else None,
+            "seconds": [], "tokens": [], "mem_bytes": [],
+        }
+
+    @torch.inference_mode()
+    def step(self) -> float:
+        """One chunk of the current pass (read memory, denoise, clean pass, write memory): its seconds."""
+        from .pipeline import generate_chunk
+
+        config, model, device, k, run = self.config, self.model, self.device, self.k, self._pass
+        c = len(run["seconds"])
+        seg = c * config.segments // config.chunks
+        noise = torch.randn((1, self.preset.latent_channels, k, *self.latent_hw), generator=run["g"])
+        noise = noise.to(device, self.dtype)
+        prompts = run["prompts"]
+        _sync(device)
+        t0 = time.perf_counter()
+        if seg not in prompts:
+            prompts[seg] = model.prompt_cache(run["texts"][seg]) if config.fast_path else run["texts"][seg]
+        _, ctx = generate_chunk(
+            model, run["policy"], run["state"], noise, prompts[seg], run["keys"][seg], seg, [], self.sigmas,
+            self.sample, arena=run["arena"],
+        )
+        _sync(device)
+        seconds = time.perf_counter() - t0
+        run["seconds"].append(seconds)
+        run["tokens"].append(ctx.tokens_per_layer)
+        run["mem_bytes"].append(run["state"].nbytes)
+        return seconds
+
+    def end_pass(self) -> list[float]:
+        """Finish the pass: check it did the same work as the first, keep its per-chunk seconds."""
+        run = self._pass
+        seconds, tokens, mem_bytes = run["seconds"], run["tokens"], run["mem_bytes"]
         if self.tokens is not None and (tokens != self.tokens or mem_bytes != self.mem_bytes):
             # same seeds, same work: or it is a bug
             raise RuntimeError(f"bench: pass of {self.policy_name} differs from the first (non-deterministic memory)")
-        self.tokens, self.mem_bytes, self.policy, self.arena = tokens, mem_bytes, policy, arena
+        self.tokens, self.mem_bytes, self.policy, self.arena = tokens, mem_bytes, run["policy"], run["arena"]
         self.passes.append(seconds)
+        self._pass = {}
         return seconds
 
     def result(self) -> dict[str, Any]:
@@ -279,9 +303,19 @@ def _worker_start(config: BenchConfig, policy_name: str) -> None:
     _RUN = PolicyRun(config, policy_name)
 
 
-def _worker_pass() -> None:
+def _worker_begin() -> None:
     assert _RUN is not None
-    _RUN.one_pass()
+    _RUN.begin_pass()
+
+
+def _worker_step() -> float:
+    assert _RUN is not None
+    return _RUN.step()
+
+
+def _worker_end() -> None:
+    assert _RUN is not None
+    _RUN.end_pass()
 
 
 def _worker_result() -> dict[str, Any]:
@@ -298,7 +332,7 @@ def flatness(chunk_seconds: list[float]) -> float | None:
 
 def policy_ratio(results: dict[str, Any], policy: str = "egolcd", base: str = "sink-window") -> dict[str, Any] | None:
     """``policy``'s cost over ``base``'s: the ratio of their median chunk seconds (each chunk's fastest pass),
-    and the same ratio paired pass by pass (passes alternate between policies, so pass k of both met the
+    and the same ratio paired pass by pass (the policies take turns chunk by chunk, so pass k of both met the
     same load): the geometric mean of the per-pass ratios of medians with a bootstrap 95% interval."""
     from .revisits import bootstrap_mean_ci
 
@@ -326,9 +360,11 @@ def run_bench(config: BenchConfig, isolate: bool = True) -> dict[str, Any]:
         raise ValueError("--device cuda asked for, but no CUDA device is available")
     results: dict[str, Any] = {}
     if isolate and not config.device.startswith("cuda"):
-        # One process per policy, alive for the whole run; the passes alternate between policies (pass 1 of
-        # every policy, then pass 2, ...), so a load burst on a shared machine meets every policy alike and
-        # each chunk's fastest pass rarely falls in it: the policy ratios are what the repeats protect.
+        # One process per policy, alive for the whole run, and the policies take turns chunk by chunk (chunk c
+        # of every policy's pass r, then chunk c + 1, ...): the same chunk of two policies runs milliseconds
+        # apart, so a load burst on a shared machine meets both alike (turns by whole passes let a burst
+        # longer than a pass meet one policy: 0.73-1.33 between runs of one commit), and each chunk's
+        # fastest pass rarely falls in one: the policy ratios are what the repeats protect.
         ctx = mp.get_context("spawn")
         pools = {name: ProcessPoolExecutor(max_workers=1, mp_context=ctx) for name in config.policies}
         try:
@@ -336,11 +372,16 @@ def run_bench(config: BenchConfig, isolate: bool = True) -> dict[str, Any]:
                 pool.submit(_worker_start, config, name).result()
             names = list(pools)
             for r in range(config.repeats):
-                for name in names[r % len(names) :] + names[: r % len(names)]:  # each round starts one later:
-                    # no policy always runs first (or right after the same other policy) in a round
-                    logger.info("bench: %s, pass %d of %d, %d chunks (%s, %s)", name, r + 1, config.repeats,
-                                config.chunks, config.preset, config.device)
-                    pools[name].submit(_worker_pass).result()
+                logger.info("bench: pass %d of %d, %d chunks of %s in turns (%s, %s)", r + 1, config.repeats,
+                            config.chunks, ", ".join(names), config.preset, config.device)
+                for pool in pools.values():
+                    pool.submit(_worker_begin).result()
+                for c in range(config.chunks):
+                    turn = (r + c) % len(names)  # each chunk starts one policy later: none always goes first
+                    for name in names[turn:] + names[:turn]:
+                        pools[name].submit(_worker_step).result()
+                for pool in pools.values():
+                    pool.submit(_worker_end).result()
             for name, pool in pools.items():
                 results[name] = pool.submit(_worker_result).result()
         finally:

@@ -522,7 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks")
     p.add_argument("--offload", action="store_true", help="keep the long-term store in CPU memory")
     p.add_argument("--repeats", type=int, default=1,
-                   help="run the whole sequence this many times, alternating between policies, and keep each chunk's "
+                   help="run the whole sequence this many times (the policies take turns chunk by chunk) and keep each chunk's "
                         "fastest time (robust to load bursts)")
     p.add_argument("--text-tokens", type=int, default=32, help="prompt tokens (Wan2.1's umT5: 512)")
     p.add_argument("--importance-stride", type=int, default=1,

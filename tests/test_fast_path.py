@@ -268,8 +268,8 @@ def test_bench_repeats_do_not_change_what_memory_holds():
     assert len(thrice["chunk_seconds"]) == 6 and all(t > 0 for t in thrice["chunk_seconds"])
 
 
-def test_bench_alternates_passes_between_policy_processes():
-    """Isolated runs keep one process per policy and alternate their passes; each policy's result is the
+def test_bench_policies_take_turns_chunk_by_chunk_in_their_processes():
+    """Isolated runs keep one process per policy, which take turns chunk by chunk; each policy's result is the
     same work as running it alone (same context sizes and memory), with each chunk's fastest pass."""
     from egolcd.bench import BenchConfig, run_bench, run_policy
 
