@@ -13,7 +13,7 @@ from torch import Tensor
 from .attention import LayerKV
 
 if TYPE_CHECKING:
-    from .memory import MemoryChunk
+    from .memory_store import MemoryChunk
 
 
 @dataclass
