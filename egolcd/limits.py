@@ -174,3 +174,39 @@ def check_distinct_paths(narrative: Any, output: Any, save_state: Any = None, re
                 continue
             if _same(paths[a], paths[b]):
                 raise ValueError(f"{a} and {b} are the same file ({paths[a]}): it would be overwritten")
+
+
+# ------------------------------------------------------------------------------------------ weights
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
+
+
+def check_safetensors_folder(folder: Any) -> None:
+    """Refuse, in one line, a weights folder without safetensors (pickle only), with an unreadable
+    safetensors file, or with non-floating-point weights (int32 weights would load as garbage). Reads
+    only the files' headers."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise ValueError(
+                f"{folder} holds only pickle weights ({pickles[0]}): egolcd loads safetensors only "
+                "(a pickle can run code when loaded); re-save the weights as safetensors"
+            )
+        raise FileNotFoundError(f"{folder} has no .safetensors weights")
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():
+                    dtype = f.get_slice(key).get_dtype()
+                    if dtype not in FLOAT_DTYPES:
+                        raise ValueError(
+                            f"{path}: weight {key!r} is {dtype}, not floating point (a corrupt or foreign file?)"
+                        )
+        except ValueError:
+            raise
+        except Exception as exc:  # SafetensorError: truncated or not safetensors at all
+            raise ValueError(f"{path} is not a readable safetensors file ({' '.join(str(exc).split())})") from None

@@ -68,7 +68,7 @@ def load_lora(
     directory = Path(directory)
     if not (directory / LORA_WEIGHT_NAME).is_file():
         raise FileNotFoundError(f"no LoRA adapter at {directory} (expected {LORA_WEIGHT_NAME})")
-    from .transformer import check_safetensors_folder
+    from .limits import check_safetensors_folder
 
     check_safetensors_folder(directory)  # a truncated or garbage adapter: one line, not a SafetensorError
     model.load_lora_adapter(str(directory), prefix=None, weight_name=LORA_WEIGHT_NAME, adapter_name=adapter_name)

@@ -36,6 +36,7 @@ from diffusers.models.transformers.transformer_wan import WanTimeTextImageEmbedd
 from torch import Tensor
 
 from .attention import LayerKV, block_causal_mask, grid_positions, rope_cos_sin, rope_freqs
+from .limits import check_safetensors_folder
 from .transformer_block import EgoLCDTransformerBlock, _LayerIO
 
 
@@ -75,42 +76,6 @@ class PromptCache:
     cross_kv: list[tuple[Tensor, Tensor]]
     input_dtype: torch.dtype
 
-
-
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
-FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
-
-
-def check_safetensors_folder(folder: Any) -> None:
-    """Refuse, in one line, a weights folder without safetensors (pickle only), with an unreadable
-    safetensors file, or with non-floating-point weights (int32 weights would load as garbage)."""
-    from pathlib import Path
-
-    from safetensors import safe_open
-
-    folder = Path(folder)
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
-        if pickles:
-            raise ValueError(
-                f"{folder} holds only pickle weights ({pickles[0]}): egolcd loads safetensors only "
-                "(a pickle can run code when loaded); re-save the weights as safetensors"
-            )
-        raise FileNotFoundError(f"{folder} has no .safetensors weights")
-    for path in files:
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                for key in f.keys():
-                    dtype = f.get_slice(key).get_dtype()
-                    if dtype not in FLOAT_DTYPES:
-                        raise ValueError(
-                            f"{path}: weight {key!r} is {dtype}, not floating point (a corrupt or foreign file?)"
-                        )
-        except ValueError:
-            raise
-        except Exception as exc:  # SafetensorError: truncated or not safetensors at all
-            raise ValueError(f"{path} is not a readable safetensors file ({' '.join(str(exc).split())})") from None
 
 
 class EgoLCDTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
