@@ -2,7 +2,9 @@
 
 Each video of ``--data`` (an ``egolcd prepare-data`` folder, ideally a seed never trained on) is cut to
 4k + 1 frames, encoded and decoded whole, and scored by mean per-frame PSNR against the original, as
-``benchmarks/drift.py`` scores the VAE ceiling.
+``benchmarks/drift.py`` scores the VAE ceiling. Beside it, where the loss is: the first frame (which the
+causal Wan VAE encodes alone, so only spatial compression touches it) and the 4 positions of the frames
+it encodes 4 to a latent frame (temporal compression as well).
 
     .venv/bin/python benchmarks/vae_recon.py egolcd/assets/demo/vae models/vae-z16 --data data/maze40a-heldout
 """
@@ -27,6 +29,7 @@ def main() -> None:
     args = parser.parse_args()
     from drift import vae_round_trip  # the VAE ceiling's own round trip
 
+    from egolcd.metrics import psnr
     from egolcd.revisits import frame_psnr
     from egolcd.vae import VideoVAE
     from egolcd.video_io import read_video
@@ -39,15 +42,22 @@ def main() -> None:
     result = {}
     for folder in args.vaes:
         vae = VideoVAE.from_pretrained(folder)
-        scores = []
+        scores, first, grouped = [], [], [[] for _ in range(vae.temporal_factor)]
         for real in reals:
             rec = vae_round_trip(vae, real)
             scores.append(frame_psnr(rec, real[: len(rec)]))
+            per_frame = psnr(rec, real[: len(rec)]).numpy()  # (T,)
+            first.append(float(per_frame[0]))
+            for t in range(1, len(per_frame)):
+                grouped[(t - 1) % vae.temporal_factor].append(float(per_frame[t]))
         params = sum(p.numel() for p in vae.model.parameters())
+        positions = [float(np.mean(g)) for g in grouped]
         result[folder] = {"psnr": float(np.mean(scores)), "per_video": scores, "parameters": params,
-                          "latent_channels": vae.latent_channels}
+                          "latent_channels": vae.latent_channels, "first_frame_psnr": float(np.mean(first)),
+                          "grouped_position_psnr": positions}
         print(f"{folder}: {np.mean(scores):.2f} dB over {len(scores)} videos "
-              f"({params / 1e6:.2f} M parameters, {vae.latent_channels} latent channels)")
+              f"({params / 1e6:.2f} M parameters, {vae.latent_channels} latent channels); first frame "
+              f"{np.mean(first):.2f} dB, frames 4 to a latent by position " + " / ".join(f"{p:.2f}" for p in positions))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
 
