@@ -7,7 +7,9 @@ One tiny random Wan model (``CausalWanModel`` of the checkout, seeded) is saved 
 and converted for egolcd with ``egolcd.convert.convert_state_dict`` (diffusers' rename table), so both
 sides compute the same function; a first forward of the two is compared and its difference recorded.
 Then every (side, policy) run is a fresh process, in alternating order round after round, so load on a
-shared machine hits every side alike. Each run generates ``--chunks`` chunks of ``--chunk-frames``
+shared machine hits every side alike. egolcd's own policy ratio (egolcd / sink-window) is also read from a
+run in which the two take turns chunk by chunk on one model (``egolcd-turns``), a few milliseconds apart:
+separate runs leave it at the mercy of load that differs between runs. Each run generates ``--chunks`` chunks of ``--chunk-frames``
 latent frames with 4 distilled steps plus the clean (KV-writing) pass, one thread, float32, and reports
 per-chunk wall seconds; a run's figure is the median of its last ``--steady`` chunks, a side's figure the
 median over rounds.
@@ -185,14 +187,17 @@ def run_peer(args: argparse.Namespace, policy: str, work: Path) -> dict:
 # --------------------------------------------------------------------------- egolcd
 
 
-def run_egolcd(args: argparse.Namespace, policy: str, work: Path, plain: bool = False) -> dict:
+def egolcd_stepper(args: argparse.Namespace, policy: str, work: Path, plain: bool = False, model=None):
+    """One egolcd chunk loop set up (model, memory, arena, seeded noise and keys); returns ``step()``, which
+    generates the next chunk and returns its wall seconds. ``model``: share one already loaded."""
     from egolcd.config import MemoryConfig
     from egolcd.flow import distilled_sigmas, get_sampler
     from egolcd.memory import ContextArena, MemoryPolicy
     from egolcd.pipeline import generate_chunk
     from egolcd.transformer import EgoLCDTransformer3DModel
 
-    model = EgoLCDTransformer3DModel.from_pretrained(work / "egolcd").eval()
+    if model is None:
+        model = EgoLCDTransformer3DModel.from_pretrained(work / "egolcd").eval()
     plain = plain or args.plain
     model.fast_path = not plain
     embeds = load_file(work / "text.safetensors")["text"]
@@ -210,16 +215,39 @@ def run_egolcd(args: argparse.Namespace, policy: str, work: Path, plain: bool = 
     # the text token states are the peer's one prompt, made into a PromptCache once per segment
     keys = torch.nn.functional.normalize(torch.randn(args.segments, 1, 64, generator=g), dim=-1)
     prompts: dict[int, object] = {}
-    seconds = []
-    with torch.inference_mode():
-        for c in range(args.chunks):
-            seg = c * args.segments // args.chunks
-            t0 = time.perf_counter()
-            if seg not in prompts:
-                prompts[seg] = embeds if plain else model.prompt_cache(embeds)
-            generate_chunk(model, mem_policy, state, noise[:, :, c * k : (c + 1) * k].contiguous(), prompts[seg],
-                           keys[seg], seg, [], sigmas, sample, arena=arena)
-            seconds.append(time.perf_counter() - t0)
+    chunk = [0]
+
+    @torch.inference_mode()
+    def step() -> float:
+        c = chunk[0]
+        seg = c * args.segments // args.chunks
+        x = noise[:, :, c * k : (c + 1) * k].contiguous()
+        t0 = time.perf_counter()
+        if seg not in prompts:
+            prompts[seg] = embeds if plain else model.prompt_cache(embeds)
+        generate_chunk(model, mem_policy, state, x, prompts[seg], keys[seg], seg, [], sigmas, sample, arena=arena)
+        chunk[0] += 1
+        return time.perf_counter() - t0
+
+    return step, model
+
+
+def run_egolcd(args: argparse.Namespace, policy: str, work: Path, plain: bool = False) -> dict:
+    step, _ = egolcd_stepper(args, policy, work, plain)
+    return {"chunk_seconds": [step() for _ in range(args.chunks)]}
+
+
+def run_egolcd_turns(args: argparse.Namespace, work: Path) -> dict:
+    """egolcd's ``egolcd`` and ``sink-window`` in one process on one model, taking turns chunk by chunk (the
+    first of each pair alternating): the same chunk of the two runs milliseconds apart, so load on a shared
+    machine meets both alike. This is what the policy ratio is read from."""
+    ego, model = egolcd_stepper(args, "egolcd", work)
+    base, _ = egolcd_stepper(args, "sink-window", work, model=model)
+    seconds: dict[str, list[float]] = {"egolcd": [], "sink-window": []}
+    for c in range(args.chunks):
+        pair = (("egolcd", ego), ("sink-window", base))
+        for name, step in pair if c % 2 == 0 else pair[::-1]:
+            seconds[name].append(step())
     return {"chunk_seconds": seconds}
 
 
@@ -271,6 +299,8 @@ def worker(args: argparse.Namespace) -> None:
         result = run_peer(args, args.policy, work)
     elif args.worker == "egolcd-plain":
         result = run_egolcd(args, args.policy, work, plain=True)
+    elif args.worker == "egolcd-turns":
+        result = run_egolcd_turns(args, work)
     else:
         result = run_egolcd(args, args.policy, work)
     Path(args.result).write_text(json.dumps(result))
@@ -286,6 +316,17 @@ def spawn(args: argparse.Namespace, role: str, policy: str, work: Path) -> dict:
 
 def steady(seconds: list[float], n: int) -> float:
     return statistics.median(seconds[-n:])
+
+
+def paired_ratio(ratios: list[float]) -> tuple[float, list[float]]:
+    """Geometric mean of per-round ratios with a percentile-bootstrap 95% interval (egolcd.revisits)."""
+    import math
+
+    from egolcd.revisits import bootstrap_mean_ci
+
+    logs = [math.log(x) for x in ratios]
+    mean, low, high = bootstrap_mean_ci(logs) if len(logs) > 1 else (logs[0], math.nan, math.nan)
+    return math.exp(mean), [math.exp(low), math.exp(high)]
 
 
 def main() -> None:
@@ -333,12 +374,20 @@ def main() -> None:
         print(f"same function: first forward max |peer - egolcd| = {check['first_forward_max_abs_diff']:.2e} "
               f"(output mean |v| {check['output_abs_mean']:.3f})", flush=True)
         runs: dict[str, list[float]] = {}
+        turns: list[float] = []  # per round: egolcd / sink-window, the two taking turns chunk by chunk
         order = [("peer", p) for p in PEER_POLICIES] + [("egolcd", p) for p in POLICIES]
+        order += [("egolcd-turns", "egolcd")]
         if args.with_plain:
             order += [("egolcd-plain", "sink-window"), ("egolcd-plain", "egolcd")]
         for r in range(args.rounds):
             for role, policy in order if r % 2 == 0 else order[::-1]:  # alternate, and reverse every round
                 res = spawn(args, role, policy, work)
+                if role == "egolcd-turns":
+                    a, b = (steady(res["chunk_seconds"][p], args.steady) for p in ("egolcd", "sink-window"))
+                    turns.append(a / b)
+                    print(f"round {r} egolcd / sink-window in turns chunk by chunk: {a / b:.3f} "
+                          f"({a * 1e3:.2f} / {b * 1e3:.2f} ms/chunk)", flush=True)
+                    continue
                 value = steady(res["chunk_seconds"], args.steady)
                 runs.setdefault(f"{role}:{policy}", []).append(value)
                 print(f"round {r} {role:<7} {policy:<12} {value * 1e3:7.2f} ms/chunk", flush=True)
@@ -352,7 +401,10 @@ def main() -> None:
     table = ["| policy | Self-Forcing ms/chunk | egolcd ms/chunk | egolcd / peer |", "|---|---|---|---|"]
     table += [f"| {n} | {p * 1e3:.1f} | {e * 1e3:.1f} | {e / p:.3f} |" for n, p, e in rows]
     policy_ratio = med["egolcd:egolcd"] / med["egolcd:sink-window"]
-    table.append(f"\negolcd policy / egolcd sink-window: {policy_ratio:.3f} (target <= 1.08)")
+    table.append(f"\negolcd policy / egolcd sink-window, separate runs: {policy_ratio:.3f} (target <= 1.08)")
+    turns_ratio, turns_ci = paired_ratio(turns)
+    table.append(f"egolcd policy / egolcd sink-window, in turns chunk by chunk: {turns_ratio:.3f} "
+                 f"[{turns_ci[0]:.3f}, {turns_ci[1]:.3f}] over {len(turns)} rounds (target <= 1.08)")
     plain_ratios = {}
     for policy in ("sink-window", "egolcd"):
         if f"egolcd-plain:{policy}" in med:
@@ -372,6 +424,7 @@ def main() -> None:
             "median_ms": {k: v * 1e3 for k, v in med.items()},
             "ratios": {"window": rows[0][2] / rows[0][1], "sink-window": rows[1][2] / rows[1][1],
                        "egolcd_vs_peer_sink_window": rows[2][2] / rows[2][1], "egolcd_vs_sink_window": policy_ratio,
+                       "egolcd_vs_sink_window_turns": {"ratio": turns_ratio, "ci95": turns_ci, "rounds": turns},
                        "fast_over_plain": plain_ratios},
             "peer_shims": ["torch.cuda.current_device -> 0", "flash_attention/attention -> float32 SDPA",
                            "stub text encoder and VAE", "kv/cross-attn caches sized for the tiny model"],
