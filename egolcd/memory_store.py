@@ -173,7 +173,7 @@ class LongTermSparseKVCache:
 
     def _enforce_budgets(self) -> None:
         while len(self.entries) > self.max_entries:
-            self.entries.pop(self._victim())
+            self._dropped(self.entries.pop(self._victim()))
         if self.max_tokens is None:
             return
         while self.tokens_per_layer() > self.max_tokens:
@@ -181,11 +181,18 @@ class LongTermSparseKVCache:
             entry = self.entries[i]
             excess = self.tokens_per_layer() - self.max_tokens
             if excess >= entry.num_tokens:
-                self.entries.pop(i)
+                self._dropped(self.entries.pop(i))
                 continue
             keep = entry.num_tokens - excess
             index = [_top_tokens(s, keep) for s in entry.importance]
             self.entries[i] = entry.keep(index)
+            self._dropped(entry)
+
+    def _dropped(self, entry: MemoryChunk) -> None:
+        """``entry`` left the store: a retrieval memo that chose it is stale; drop it now rather than hold the
+        entry's keys/values (uncounted in ``nbytes``) until the next retrieval."""
+        if self._memo is not None and any(e is entry for e, _ in self._memo[5]):
+            self._memo = None
 
     def write(self, item: MemoryChunk) -> MemoryChunk:
         """Sparsify a chunk leaving the window and store it; returns the stored entry."""
