@@ -71,16 +71,7 @@ class LayerKV:
 
     def gather(self, index: Tensor) -> LayerKV:
         """Select tokens per batch element. ``index``: ``(B, k)`` int64 token indices."""
-        b, k = index.shape
-        if b == 1:  # one row (generation): index_select, 3 ops instead of 5
-            ix = index[0]
-            return LayerKV(self.key.index_select(1, ix), self.value.index_select(1, ix), self.pos.index_select(1, ix))
-        idx4 = index[:, :, None, None].expand(b, k, self.key.shape[2], self.key.shape[3])
-        return LayerKV(
-            key=torch.gather(self.key, 1, idx4),
-            value=torch.gather(self.value, 1, idx4),
-            pos=torch.gather(self.pos, 1, index[:, :, None].expand(b, k, 3)),
-        )
+        return LayerKV(gather_tokens(self.key, index), gather_tokens(self.value, index), gather_tokens(self.pos, index))
 
     def slice(self, start: int, end: int) -> LayerKV:
         return LayerKV(self.key[:, start:end], self.value[:, start:end], self.pos[:, start:end])
@@ -102,6 +93,15 @@ class LayerKV:
 
     def detach(self) -> LayerKV:
         return LayerKV(self.key.detach(), self.value.detach(), self.pos)
+
+
+def gather_tokens(t: Tensor, index: Tensor) -> Tensor:
+    """Tokens ``index`` ``(B, k)`` of ``t`` ``(B, n, ...)`` along dim 1, per batch row. One row (generation)
+    takes one ``index_select`` instead of an expanded index and a ``gather``."""
+    if index.shape[0] == 1:
+        return t.index_select(1, index[0])
+    expanded = index.reshape(*index.shape, *([1] * (t.dim() - 2))).expand(*index.shape, *t.shape[2:])
+    return torch.gather(t, 1, expanded)
 
 
 def rope_split(head_dim: int) -> tuple[int, int, int]:

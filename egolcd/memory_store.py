@@ -9,11 +9,12 @@ import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from .attention import LayerKV
+from .attention import LayerKV, gather_tokens
 
 __all__ = ["LongTermSparseKVCache", "MemoryChunk", "ShortTermWindow"]
 
@@ -75,8 +76,7 @@ class MemoryChunk:
             chunk=self.chunk,
             segment=self.segment,
             kv=[kv.gather(ix.to(kv.key.device)) for kv, ix in zip(self.kv, per_layer)],
-            importance=[s.index_select(1, ix[0]) if len(ix) == 1 else torch.gather(s, 1, ix)
-                        for s, ix in zip(self.importance, per_layer)],
+            importance=[gather_tokens(s, ix) for s, ix in zip(self.importance, per_layer)],
             embedding=self.embedding,
             retrievals=self.retrievals,
             mass_recorded=self.mass_recorded,
@@ -111,6 +111,17 @@ class ShortTermWindow:
         return sum(c.num_tokens for c in items)
 
 
+class _RetrievalMemo(NamedTuple):
+    """The last similarity-only retrieval (``LongTermSparseKVCache._reuse``)."""
+
+    query: Tensor  # a copy
+    top_m: int
+    threshold: float | None
+    skip_segment: int | None
+    versions: dict[int, int | None]  # entry uid -> its embedding's version, for every entry held then
+    result: list[tuple[MemoryChunk, float]]
+
+
 @dataclass
 class LongTermSparseKVCache:
     """Repository H of (prompt embedding, sparse KV) entries (METHOD.md, "Long-Term Sparse KV Cache").
@@ -131,9 +142,7 @@ class LongTermSparseKVCache:
     max_tokens: int | None = None
     offload_device: str | None = None
     entries: list[MemoryChunk] = field(default_factory=list)
-    # the last similarity-only retrieval: (a copy of its query, top_m, threshold, skip_segment,
-    # {entry uid: its embedding's version}, result)
-    _memo: tuple | None = field(default=None, init=False, repr=False, compare=False)
+    _memo: _RetrievalMemo | None = field(default=None, init=False, repr=False, compare=False)
 
     def tokens_per_layer(self) -> int:
         return sum(e.num_tokens for e in self.entries)
@@ -191,7 +200,7 @@ class LongTermSparseKVCache:
     def _dropped(self, entry: MemoryChunk) -> None:
         """``entry`` left the store: a retrieval memo that chose it is stale; drop it now rather than hold the
         entry's keys/values (uncounted in ``nbytes``) until the next retrieval."""
-        if self._memo is not None and any(e is entry for e, _ in self._memo[5]):
+        if self._memo is not None and any(e is entry for e, _ in self._memo.result):
             self._memo = None
 
     def write(self, item: MemoryChunk) -> MemoryChunk:
@@ -265,8 +274,8 @@ class LongTermSparseKVCache:
             chosen = sorted(chosen[n_forced:], key=lambda i: self.entries[i].chunk) + chosen[:n_forced][::-1]
         result = [(self.entries[i], sims[i]) for i in chosen]
         if not forced_segments and progress is None:
-            uids = {e.uid: _version(e.embedding) for e in self.entries}
-            self._memo = (query.clone(), top_m, threshold, skip_segment, uids, result)
+            versions = {e.uid: _version(e.embedding) for e in self.entries}
+            self._memo = _RetrievalMemo(query.clone(), top_m, threshold, skip_segment, versions, result)
         return result
 
     def _reuse(
@@ -275,13 +284,13 @@ class LongTermSparseKVCache:
         """The last similarity-only retrieval's result, if it is still what ranking would give: the same query
         (equal values), budget and skipped segment, every entry it chose still held, no held embedding modified
         in place (tracked outside ``torch.inference_mode``, whose tensors have no version counter; egolcd never
-        modifies a stored key), and every entry written since of ``skip_segment`` (never eligible). Removing an entry that was not
-        chosen cannot change the top ``top_m``, and ties keep time order. Within a segment, each chunk writes
+        modifies a stored key), and every entry written since of ``skip_segment`` (never eligible). Removing
+        an entry that was not chosen cannot change the top ``top_m``, and ties keep time order. Within a segment, each chunk writes
         an entry of its own segment, so most chunks reuse the ranking (the tiny bench: about 3 of 4)."""
         memo = self._memo
-        if memo is None or memo[1:4] != (top_m, threshold, skip_segment):
+        if memo is None or (memo.top_m, memo.threshold, memo.skip_segment) != (top_m, threshold, skip_segment):
             return None
-        old_query, uids, result = memo[0], memo[4], memo[5]
+        old_query, versions, result = memo.query, memo.versions, memo.result
         if (old_query.shape, old_query.device, old_query.dtype) != (query.shape, query.device, query.dtype) or (
             not torch.equal(old_query, query)
         ):
@@ -290,7 +299,7 @@ class LongTermSparseKVCache:
         if any(e.uid not in held for e, _ in result):
             return None
         for e in self.entries:  # new entries must be of the skipped segment; kept ones unmodified
-            changed = uids[e.uid] != _version(e.embedding) if e.uid in uids else e.segment != skip_segment
+            changed = versions[e.uid] != _version(e.embedding) if e.uid in versions else e.segment != skip_segment
             if changed:
                 return None
         return list(result)

@@ -481,7 +481,7 @@ def _retrieval_memo_run(inference):
         memo_before = store._memo
         if memo_before is not None:  # a memo never holds an entry the store has dropped
             held = {e.uid for e in store.entries}
-            assert all(e.uid in held for e, _ in memo_before[5])
+            assert all(e.uid in held for e, _ in memo_before.result)
         got = store.retrieve(query, top_m, threshold, skip_segment=skip)
         fresh = LongTermSparseKVCache(keep_ratio=1.0, max_entries=6, entries=list(store.entries))
         want = fresh.retrieve(query, top_m, threshold, skip_segment=skip)
