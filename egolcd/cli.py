@@ -338,7 +338,8 @@ def cmd_train_vae(args: argparse.Namespace) -> int:
         lr=args.lr, crop_frames=args.crop_frames, max_clips=args.max_clips, seed=args.seed,
         chunks_per_clip=args.chunks_per_clip, crop_size=args.crop_size, threads=args.threads,
         init=args.init, decoder_only=args.decoder_only, latent_channels=args.latent_channels,
-        base_dim=args.base_dim,
+        base_dim=args.base_dim, loss=args.loss, posterior=args.posterior, lr_schedule=args.lr_schedule,
+        checkpoint_every=args.checkpoint_every, resume=args.resume,
     )
     train_vae(config, device=args.device or "cpu")
     return 0
@@ -556,6 +557,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latent-channels", type=int,
                    help="a new VAE with this many latent channels (default: the preset's)")
     p.add_argument("--base-dim", type=int, help="a new VAE with this base width (default: the preset's)")
+    p.add_argument("--loss", choices=["l1", "mse"], default="l1", help="reconstruction error (default: l1)")
+    p.add_argument("--posterior", choices=["sample", "mode"], default="sample",
+                   help="decode a posterior sample or its mean, the DiT's latents (default: sample)")
+    p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
+                   help="after a 100-step warm-up: constant, or cosine down to 10%% of --lr (default: constant)")
+    p.add_argument("--checkpoint-every", type=int, default=500,
+                   help="steps between resumable checkpoints in OUT/checkpoint/ (0: none)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint/ when there is one")
     p.add_argument("--max-clips", type=int)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device")

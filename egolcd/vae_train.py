@@ -1,19 +1,26 @@
 """Train the embedded video VAE (a small ``AutoencoderKLWan``) on egocentric footage.
 
 The Wan VAE is used as is at real scale; the embedded default needs its own small VAE, trained here
-with the usual objective: ``L1(x, D(z)) + kl_weight * KL(q(z|x) || N(0, I))``, on random crops of
-``4k + 1`` frames. At the end the per-channel latent mean/std are measured on the data and written
-into the config (``latents_mean``/``latents_std``), so the DiT sees unit-scale latents, exactly as
-with Wan's statistics.
+with the usual objective: ``rec(x, D(z)) + kl_weight * KL(q(z|x) || N(0, I))`` with ``rec`` L1 or MSE and
+``z`` a posterior sample or its mean, on random crops of ``4k + 1`` frames. At the end the per-channel
+latent mean/std are measured on the data and written into the config (``latents_mean``/``latents_std``),
+so the DiT sees unit-scale latents, exactly as with Wan's statistics.
+
+Long runs are resumable: every ``checkpoint_every`` steps the model, the optimizer, the schedule and the
+random state (one seeded generator draws the crops and the posterior samples) are written atomically to ``OUT/checkpoint/`` (safetensors + JSON); ``resume=True``
+continues from there, bit for bit, and the folder is removed once the finished VAE is saved.
 
     egolcd train-vae DATA --out models/demo-vae --preset demo --steps 2000
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import math
+import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -37,7 +44,11 @@ class VAETrainConfig:
     posterior means, keeping the latent statistics, so latents already cached (and a DiT trained on them)
     stay valid while reconstructions sharpen; latent_channels, base_dim: a new VAE with this many latent
     channels (``z_dim``) or this base width instead of the preset's (a DiT then needs as many input
-    channels: ``create-model --vae`` of the result)."""
+    channels: ``create-model --vae`` of the result); loss: ``"l1"`` or ``"mse"`` (PSNR's own error);
+    posterior: decode a ``"sample"`` of q(z|x) or its ``"mode"`` (the mean, which is what the DiT's latents
+    are); lr_schedule: ``"constant"`` after a 100-step warm-up, or ``"cosine"`` down to 10% of ``lr`` at
+    ``steps``; checkpoint_every: steps between resumable checkpoints (``0``: none); resume: continue from
+    ``OUT/checkpoint/`` (an error when the run's settings differ from the checkpoint's)."""
 
     data: str
     out: str
@@ -57,6 +68,16 @@ class VAETrainConfig:
     decoder_only: bool = False
     latent_channels: int | None = None
     base_dim: int | None = None
+    loss: str = "l1"
+    posterior: str = "sample"
+    lr_schedule: str = "constant"
+    checkpoint_every: int = 500
+    resume: bool = False
+
+
+#: Settings that may change when a run is resumed (how long, how fast, how often to report or save).
+_RESUMABLE = ("steps", "threads", "log_every", "checkpoint_every", "resume")
+_CHOICES = {"loss": ("l1", "mse"), "posterior": ("sample", "mode"), "lr_schedule": ("constant", "cosine")}
 
 
 def _load_clips(config: VAETrainConfig) -> torch.Tensor:
@@ -89,20 +110,93 @@ def _batch(
     return crops.float() / 127.5 - 1.0  # (B, 3, frames, crop_h, crop_w)
 
 
-def train_vae(config: VAETrainConfig, device: str = "cpu") -> Path:
-    """Train, measure latent statistics, save. Returns the output folder."""
+def _lr_lambda(config: VAETrainConfig):
+    warmup = 100
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if config.lr_schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, config.steps - warmup))
+        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def _check(config: VAETrainConfig) -> None:
     if (config.crop_frames - 1) % 4:
         raise ValueError(f"crop_frames must be 4k + 1, got {config.crop_frames}")
     for name in ("latent_channels", "base_dim"):
         value = getattr(config, name)
         if value is not None and (value < 1 or config.init is not None):
             raise ValueError(f"{name} must be a positive integer for a new VAE (not with init), got {value}")
+    for name, allowed in _CHOICES.items():
+        if getattr(config, name) not in allowed:
+            raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(config, name)!r}")
+    if config.steps < 1 or config.checkpoint_every < 0:
+        raise ValueError(f"steps must be >= 1 and checkpoint_every >= 0, got {config.steps}, {config.checkpoint_every}")
+
+
+def _save_checkpoint(
+    folder: Path, step: int, config: VAETrainConfig, model, opt, sched, g: torch.Generator
+) -> None:
+    """``folder`` replaced atomically: written to ``.tmp``, flushed, renamed."""
+    from .training.checkpoint import _capture_rng, _fsync_tree, _optimizer_to_tensors, _save_tensors
+
+    tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp), safe_serialization=True)  # as VideoVAE does, without its eval()
+    tensors, meta = _optimizer_to_tensors(opt.state_dict())
+    _save_tensors(tmp / "optimizer.safetensors", tensors, meta)
+    rng, rng_meta = _capture_rng(g)
+    _save_tensors(tmp / "rng.safetensors", rng, rng_meta)
+    state = {"step": step, "config": asdict(config), "scheduler": sched.state_dict()}
+    (tmp / "vae_train_state.json").write_text(json.dumps(state, indent=1))
+    _fsync_tree(tmp)
+    if folder.exists():
+        folder.rename(old)
+    tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_checkpoint(folder: Path, config: VAETrainConfig, device: str):
+    """(model, optimizer state, scheduler state, step) of ``folder``; the rng states are restored later."""
+    from .training.checkpoint import _optimizer_from_file
+
+    try:
+        state = json.loads((folder / "vae_train_state.json").read_text())
+        saved = state["config"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise ValueError(f"cannot resume: {folder} is not a readable VAE training checkpoint ({exc})") from None
+    mine = asdict(config)
+    differ = sorted(k for k in mine if k not in _RESUMABLE and saved.get(k) != mine[k])
+    if differ:
+        raise ValueError(
+            "cannot resume: the run's settings differ from the checkpoint's: "
+            + ", ".join(f"{k} {saved.get(k)!r} -> {mine[k]!r}" for k in differ)
+        )
+    model = VideoVAE.from_pretrained(folder).model.to(device=device, dtype=torch.float32)
+    opt_state = _optimizer_from_file(folder / "optimizer.safetensors", torch.device(device))
+    return model, opt_state, state["scheduler"], int(state["step"])
+
+
+def train_vae(config: VAETrainConfig, device: str = "cpu") -> Path:
+    """Train, measure latent statistics, save. Returns the output folder."""
+    _check(config)
+    out = Path(config.out)
+    ckpt_dir = out / "checkpoint"
+    resuming = config.resume and (ckpt_dir / "vae_train_state.json").is_file()
+    if config.resume and not resuming:
+        logger.info("no checkpoint in %s: starting from step 0", ckpt_dir)
     if config.threads:
         torch.set_num_threads(int(config.threads))
     preset = get_preset(config.preset)
-    clips = _load_clips(config)
-    logger.info("training the %s VAE on %d clips of %s", config.preset, len(clips), tuple(clips.shape[2:]))
-    if config.init is not None:
+    start, opt_state, sched_state = 0, None, None
+    if resuming:
+        model, opt_state, sched_state, start = _load_checkpoint(ckpt_dir, config, device)
+        logger.info("resuming the VAE from %s at step %d", ckpt_dir, start)
+    elif config.init is not None:
         model = VideoVAE.from_pretrained(config.init).model.to(device=device, dtype=torch.float32)
     else:
         if config.decoder_only:
@@ -111,6 +205,8 @@ def train_vae(config: VAETrainConfig, device: str = "cpu") -> Path:
         if config.base_dim is not None:
             vae_config.update(base_dim=int(config.base_dim))
         model = VideoVAE.from_config_dict(vae_config, seed=config.seed).model.to(device)
+    clips = _load_clips(config)
+    logger.info("training the %s VAE on %d clips of %s", config.preset, len(clips), tuple(clips.shape[2:]))
     model.train().requires_grad_(not config.decoder_only)
     if config.decoder_only:
         model.encoder.eval()
@@ -118,9 +214,16 @@ def train_vae(config: VAETrainConfig, device: str = "cpu") -> Path:
             part.requires_grad_(True)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(config))
     g = torch.Generator().manual_seed(config.seed)
-    bar = tqdm(range(config.steps), desc="vae", unit="step")
+    if resuming:
+        from .training.checkpoint import _restore_rng
+
+        opt.load_state_dict(opt_state)
+        sched.load_state_dict(sched_state)
+        _restore_rng(ckpt_dir / "rng.safetensors", g)
+    rec_error = (lambda r, x: (r - x).abs().mean()) if config.loss == "l1" else (lambda r, x: (r - x).square().mean())
+    bar = tqdm(range(start, config.steps), desc="vae", unit="step", initial=start, total=config.steps)
     t0 = time.perf_counter()
     for step in bar:
         x = _batch(clips, config.batch_size, config.crop_frames, g, config.crop_size).to(device)
@@ -128,27 +231,32 @@ def train_vae(config: VAETrainConfig, device: str = "cpu") -> Path:
             with torch.no_grad():
                 posterior = model.encode(x).latent_dist
             rec = model.decode(posterior.mode()).sample  # the DiT's latents are posterior means
-            l1 = (rec - x).abs().mean()
+            err = rec_error(rec, x)
             kl = torch.zeros(())
-            loss = l1
+            loss = err
         else:
             posterior = model.encode(x).latent_dist
-            rec = model.decode(posterior.sample(generator=None)).sample
-            l1 = (rec - x).abs().mean()
+            z = posterior.mode() if config.posterior == "mode" else posterior.sample(generator=g)
+            rec = model.decode(z).sample
+            err = rec_error(rec, x)
             kl = posterior.kl().mean() / x[0].numel()
-            loss = l1 + config.kl_weight * kl
+            loss = err + config.kl_weight * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         if step % config.log_every == 0 or step == config.steps - 1:
-            bar.set_postfix(l1=f"{l1.item():.4f}", kl=f"{kl.item():.3g}")
-            logger.info("vae step %d l1 %.4f kl %.4g (%.1f s)", step, l1.item(), kl.item(), time.perf_counter() - t0)
+            bar.set_postfix({config.loss: f"{err.item():.4f}", "kl": f"{kl.item():.3g}"})
+            logger.info("vae step %d %s %.4f kl %.4g lr %.3g (%.1f s)", step, config.loss, err.item(), kl.item(),
+                        sched.get_last_lr()[0], time.perf_counter() - t0)
+        done = step + 1
+        if config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.steps:
+            _save_checkpoint(ckpt_dir, done, config, model, opt, sched, g)
     model.eval().requires_grad_(False)
-    out = Path(config.out)
     if config.decoder_only:  # the encoder and its latent statistics are unchanged
         VideoVAE(model.cpu()).save_pretrained(out)
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
         logger.info("saved VAE (decoder fine-tuned) to %s", out)
         return out
     # Latent statistics over the data (posterior means of whole clips)
@@ -162,5 +270,6 @@ def train_vae(config: VAETrainConfig, device: str = "cpu") -> Path:
         mean, std = z.mean(dim=1), z.std(dim=1).clamp_min(1e-3)
     model.register_to_config(latents_mean=mean.tolist(), latents_std=std.tolist())
     VideoVAE(model.cpu()).save_pretrained(out)
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
     logger.info("saved VAE to %s (latent mean %s, std %s)", out, mean.numpy().round(3), std.numpy().round(3))
     return out

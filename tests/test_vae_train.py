@@ -72,3 +72,53 @@ def test_train_vae_with_more_latent_channels(tmp_path):
     assert main(["train-vae", str(data), "--out", str(tmp_path / "bad"), "--preset", "tiny", "--init", str(out),
                  "--latent-channels", "8"]) == 2  # a new width, not a continued VAE: one clear error
     assert not (tmp_path / "bad").exists()
+
+
+def test_train_vae_resumes_bit_for_bit(tmp_path, monkeypatch):
+    """A run cut off after its step-3 checkpoint and resumed ends with the weights of an uninterrupted run."""
+    import egolcd.vae_train as vt
+
+    data = make_dataset(tmp_path / "data", n=2)
+
+    def config(out, **kw):
+        return VAETrainConfig(data=str(data), out=str(out), preset="tiny", steps=6, batch_size=1, lr=2e-3,
+                              log_every=100, chunks_per_clip=2, checkpoint_every=3, lr_schedule="cosine",
+                              loss="mse", **kw)
+
+    whole = VideoVAE.from_pretrained(train_vae(config(tmp_path / "whole")))
+    calls = {"n": 0}
+    real_batch = vt._batch
+
+    def cut_off(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real_batch(*args, **kwargs)
+
+    monkeypatch.setattr(vt, "_batch", cut_off)
+    try:
+        train_vae(config(tmp_path / "cut"))
+    except KeyboardInterrupt:
+        pass
+    monkeypatch.setattr(vt, "_batch", real_batch)
+    assert (tmp_path / "cut" / "checkpoint" / "vae_train_state.json").is_file()
+    # resuming with other settings than the checkpoint's is one clear error, and the checkpoint stays
+    assert main(["train-vae", str(data), "--out", str(tmp_path / "cut"), "--preset", "tiny", "--resume",
+                 "--loss", "l1"]) == 2
+    assert (tmp_path / "cut" / "checkpoint" / "vae_train_state.json").is_file()
+    resumed = VideoVAE.from_pretrained(train_vae(config(tmp_path / "cut", resume=True)))
+    assert not (tmp_path / "cut" / "checkpoint").exists()  # removed once the VAE is saved
+    a, b = whole.model.state_dict(), resumed.model.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert whole.model.config.latents_std == resumed.model.config.latents_std
+
+
+def test_train_vae_rejects_unknown_choices(tmp_path):
+    data = make_dataset(tmp_path / "data", n=1)
+    import pytest
+
+    with pytest.raises(ValueError, match="posterior must be one of"):
+        train_vae(VAETrainConfig(data=str(data), out=str(tmp_path / "v"), preset="tiny", posterior="mean"))
+    assert not (tmp_path / "v").exists()
