@@ -4,7 +4,10 @@ Each video of ``--data`` (an ``egolcd prepare-data`` folder, ideally a seed neve
 4k + 1 frames, encoded and decoded whole, and scored by mean per-frame PSNR against the original, as
 ``benchmarks/drift.py`` scores the VAE ceiling. Beside it, where the loss is: the first frame (which the
 causal Wan VAE encodes alone, so only spatial compression touches it) and the 4 positions of the frames
-it encodes 4 to a latent frame (temporal compression as well).
+it encodes 4 to a latent frame (temporal compression as well); and, in time, the first group of 4 (its
+causal cache holds the first frame, as in a 5-frame training crop) against every later group (a cache
+holding another group: trained only with crops of 9 frames or more). ``--frames N`` scores the first N
+frames only (quicker, for pilots).
 
     .venv/bin/python benchmarks/vae_recon.py egolcd/assets/demo/vae models/vae-z16 --data data/maze40a-heldout
 """
@@ -25,6 +28,8 @@ def main() -> None:
     parser.add_argument("vaes", nargs="+", help="VAE folders (diffusers layout)")
     parser.add_argument("--data", required=True, help="dataset root (metadata.csv + videos/)")
     parser.add_argument("--episodes", type=int, default=12)
+    parser.add_argument("--frames", type=int, default=0,
+                        help="score only the first N frames of each video (0: all; quicker for pilots)")
     parser.add_argument("--json", help="write the per-video figures here")
     args = parser.parse_args()
     from drift import vae_round_trip  # the VAE ceiling's own round trip
@@ -39,25 +44,35 @@ def main() -> None:
     if not ids:
         raise SystemExit(f"no videos listed in {args.data}/metadata.csv")
     reals = [read_video(Path(args.data) / "videos" / f"{i}.mp4")[0] for i in ids]
+    if args.frames > 0:
+        reals = [real[: args.frames] for real in reals]
     result = {}
     for folder in args.vaes:
         vae = VideoVAE.from_pretrained(folder)
-        scores, first, grouped = [], [], [[] for _ in range(vae.temporal_factor)]
+        tf = vae.temporal_factor
+        scores, first, grouped = [], [], [[] for _ in range(tf)]
+        group_one, later = [], []  # the group right after the first frame, and every group after it
         for real in reals:
             rec = vae_round_trip(vae, real)
             scores.append(frame_psnr(rec, real[: len(rec)]))
             per_frame = psnr(rec, real[: len(rec)]).numpy()  # (T,)
             first.append(float(per_frame[0]))
             for t in range(1, len(per_frame)):
-                grouped[(t - 1) % vae.temporal_factor].append(float(per_frame[t]))
+                grouped[(t - 1) % tf].append(float(per_frame[t]))
+            group_one.append(float(per_frame[1 : 1 + tf].mean()))
+            if len(per_frame) > 1 + tf:
+                later.append(float(per_frame[1 + tf :].mean()))
         params = sum(p.numel() for p in vae.model.parameters())
         positions = [float(np.mean(g)) for g in grouped]
         result[folder] = {"psnr": float(np.mean(scores)), "per_video": scores, "parameters": params,
                           "latent_channels": vae.latent_channels, "first_frame_psnr": float(np.mean(first)),
-                          "grouped_position_psnr": positions}
+                          "grouped_position_psnr": positions, "group_one_psnr": float(np.mean(group_one)),
+                          "later_groups_psnr": float(np.mean(later)) if later else None}
         print(f"{folder}: {np.mean(scores):.2f} dB over {len(scores)} videos "
               f"({params / 1e6:.2f} M parameters, {vae.latent_channels} latent channels); first frame "
-              f"{np.mean(first):.2f} dB, frames 4 to a latent by position " + " / ".join(f"{p:.2f}" for p in positions))
+              f"{np.mean(first):.2f} dB, frames 4 to a latent by position " + " / ".join(f"{p:.2f}" for p in positions)
+              + f"; the first group of 4 {np.mean(group_one):.2f} dB, later groups "
+              + (f"{np.mean(later):.2f} dB" if later else "none"))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
 
