@@ -331,16 +331,12 @@ def cmd_studio(args: argparse.Namespace) -> int:
 
 
 def cmd_train_vae(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+
     from .vae_train import VAETrainConfig, train_vae
 
-    config = VAETrainConfig(
-        data=args.data, out=args.out, preset=args.preset, steps=args.steps, batch_size=args.batch_size,
-        lr=args.lr, crop_frames=args.crop_frames, max_clips=args.max_clips, seed=args.seed,
-        chunks_per_clip=args.chunks_per_clip, crop_size=args.crop_size, threads=args.threads,
-        init=args.init, decoder_only=args.decoder_only, latent_channels=args.latent_channels,
-        base_dim=args.base_dim, loss=args.loss, posterior=args.posterior, lr_schedule=args.lr_schedule,
-        checkpoint_every=args.checkpoint_every, resume=args.resume,
-    )
+    # every train-vae option is named as its VAETrainConfig field; the rest keep their defaults
+    config = VAETrainConfig(**{f.name: getattr(args, f.name) for f in fields(VAETrainConfig) if hasattr(args, f.name)})
     train_vae(config, device=args.device or "cpu")
     return 0
 

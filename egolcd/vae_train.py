@@ -7,8 +7,9 @@ latent mean/std are measured on the data and written into the config (``latents_
 so the DiT sees unit-scale latents, exactly as with Wan's statistics.
 
 Long runs are resumable: every ``checkpoint_every`` steps the model, the optimizer, the schedule and the
-random state (one seeded generator draws the crops and the posterior samples) are written atomically to ``OUT/checkpoint/`` (safetensors + JSON); ``resume=True``
-continues from there, bit for bit, and the folder is removed once the finished VAE is saved.
+random state (one seeded generator draws the crops and the posterior samples) are written atomically to
+``OUT/checkpoint/`` (safetensors + JSON); ``resume=True`` continues from there, bit for bit, and the folder
+is removed once the finished VAE is saved.
 
     egolcd train-vae DATA --out models/demo-vae --preset demo --steps 2000
 """
