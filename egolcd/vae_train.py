@@ -143,18 +143,18 @@ def _save_checkpoint(
     folder: Path, step: int, config: VAETrainConfig, model, opt, sched, g: torch.Generator
 ) -> None:
     """``folder`` replaced atomically: written to ``.tmp``, flushed, renamed."""
-    from .training.checkpoint import _capture_rng, _fsync_tree, _optimizer_to_tensors, _save_tensors
+    from .training.checkpoint import capture_rng, fsync_tree, optimizer_to_tensors, save_tensors
 
     tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp), safe_serialization=True)  # as VideoVAE does, without its eval()
-    tensors, meta = _optimizer_to_tensors(opt.state_dict())
-    _save_tensors(tmp / "optimizer.safetensors", tensors, meta)
-    rng, rng_meta = _capture_rng(g)
-    _save_tensors(tmp / "rng.safetensors", rng, rng_meta)
+    tensors, meta = optimizer_to_tensors(opt.state_dict())
+    save_tensors(tmp / "optimizer.safetensors", tensors, meta)
+    rng, rng_meta = capture_rng(g)
+    save_tensors(tmp / "rng.safetensors", rng, rng_meta)
     state = {"step": step, "config": asdict(config), "scheduler": sched.state_dict()}
     (tmp / "vae_train_state.json").write_text(json.dumps(state, indent=1))
-    _fsync_tree(tmp)
+    fsync_tree(tmp)
     if folder.exists():
         folder.rename(old)
     tmp.rename(folder)
@@ -163,7 +163,7 @@ def _save_checkpoint(
 
 def _load_checkpoint(folder: Path, config: VAETrainConfig, device: str):
     """(model, optimizer state, scheduler state, step) of ``folder``; the rng states are restored later."""
-    from .training.checkpoint import _optimizer_from_file
+    from .training.checkpoint import optimizer_from_file
 
     try:
         state = json.loads((folder / "vae_train_state.json").read_text())
@@ -178,7 +178,7 @@ def _load_checkpoint(folder: Path, config: VAETrainConfig, device: str):
             + ", ".join(f"{k} {saved.get(k)!r} -> {mine[k]!r}" for k in differ)
         )
     model = VideoVAE.from_pretrained(folder).model.to(device=device, dtype=torch.float32)
-    opt_state = _optimizer_from_file(folder / "optimizer.safetensors", torch.device(device))
+    opt_state = optimizer_from_file(folder / "optimizer.safetensors", torch.device(device))
     return model, opt_state, state["scheduler"], int(state["step"])
 
 
@@ -218,11 +218,11 @@ def train_vae(config: VAETrainConfig, device: str = "cpu") -> Path:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(config))
     g = torch.Generator().manual_seed(config.seed)
     if resuming:
-        from .training.checkpoint import _restore_rng
+        from .training.checkpoint import restore_rng
 
         opt.load_state_dict(opt_state)
         sched.load_state_dict(sched_state)
-        _restore_rng(ckpt_dir / "rng.safetensors", g)
+        restore_rng(ckpt_dir / "rng.safetensors", g)
     rec_error = (lambda r, x: (r - x).abs().mean()) if config.loss == "l1" else (lambda r, x: (r - x).square().mean())
     bar = tqdm(range(start, config.steps), desc="vae", unit="step", initial=start, total=config.steps)
     t0 = time.perf_counter()

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from egolcd.training import CHECKPOINT_FORMAT, Trainer, checkpoint_problem
-from egolcd.training.checkpoint import _read_json, _trim_metrics_log
+from egolcd.training.checkpoint import _trim_metrics_log, read_json
 
 
 def _fake_checkpoint(root, step):
@@ -44,7 +44,7 @@ def test_damaged_json_names_its_file(tmp_path):
     (ckpt / "scheduler.json").write_text('{"last_epoch": ')
     assert "scheduler.json" in checkpoint_problem(ckpt)
     with pytest.raises(ValueError, match="scheduler.json"):
-        _read_json(ckpt / "scheduler.json")
+        read_json(ckpt / "scheduler.json")
     with pytest.raises(ValueError, match="no readable checkpoint"):
         Trainer._resolve_resume(SimpleNamespace(out=tmp_path), "latest")
     with pytest.raises(ValueError, match="scheduler.json"):

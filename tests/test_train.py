@@ -288,7 +288,7 @@ def test_failed_save_leaves_previous_checkpoints_intact(tmp_path, monkeypatch):
     import egolcd.training.checkpoint as train_mod
 
     calls = {"n": 0}
-    real = train_mod._optimizer_to_tensors
+    real = train_mod.optimizer_to_tensors
 
     def flaky(state):
         calls["n"] += 1
@@ -296,7 +296,7 @@ def test_failed_save_leaves_previous_checkpoints_intact(tmp_path, monkeypatch):
             raise OSError("disk full")
         return real(state)
 
-    monkeypatch.setattr(train_mod, "_optimizer_to_tensors", flaky)
+    monkeypatch.setattr(train_mod, "optimizer_to_tensors", flaky)
     with pytest.raises(OSError, match="disk full"):
         train(make_cfg(tmp_path / "run", checkpoint_every=1), ClipDataset())
     names = sorted(p.name for p in (tmp_path / "run").iterdir() if p.name.startswith("checkpoint"))

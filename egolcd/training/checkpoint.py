@@ -1,5 +1,6 @@
 """Training checkpoints: atomic writes (``.tmp``, fsync, rename), safetensors + JSON only, exact resume
-(optimizer tensors, RNG states, data position), and the newest readable checkpoint as fallback.
+(optimizer tensors, RNG states, data position), and the newest readable checkpoint as fallback. The tensor,
+optimizer and RNG helpers are public: `egolcd.vae_train` checkpoints the VAE with them.
 
 Layout of ``OUTPUT_DIR/checkpoint-000500/``: see :mod:`egolcd.training`.
 """
@@ -50,7 +51,7 @@ def latest_checkpoint(output_dir: str | os.PathLike[str]) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def _read_json(path: Path) -> Any:
+def read_json(path: Path) -> Any:
     """A JSON file of a checkpoint; a damaged one is one ``ValueError`` line naming the file."""
     try:
         return json.loads(path.read_text())
@@ -62,10 +63,10 @@ def checkpoint_problem(ckpt: Path) -> str | None:
     """``None`` when every file of a checkpoint reads (JSON parses, each safetensors header covers its
     file), else what is wrong, naming the file: a truncated ``optimizer.safetensors`` is found here."""
     try:
-        state = _read_json(ckpt / "trainer_state.json")
+        state = read_json(ckpt / "trainer_state.json")
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
             return f"{ckpt / 'trainer_state.json'} is not an egolcd training checkpoint state"
-        _read_json(ckpt / "scheduler.json")
+        read_json(ckpt / "scheduler.json")
     except (OSError, ValueError) as exc:
         return " ".join(str(exc).split())
     for name in ("trainable.safetensors", "optimizer.safetensors", "config.yaml"):
@@ -80,7 +81,7 @@ def checkpoint_problem(ckpt: Path) -> str | None:
     return None
 
 
-def _save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> None:
+def save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> None:
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
 
 
@@ -97,13 +98,13 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_tree(root: Path) -> None:
+def fsync_tree(root: Path) -> None:
     """Flush every file and folder under ``root`` to disk (before the rename that publishes it)."""
     for path in [*root.rglob("*"), root]:
         _fsync_path(path)
 
 
-def _optimizer_to_tensors(state: dict) -> tuple[dict[str, Tensor], dict[str, str]]:
+def optimizer_to_tensors(state: dict) -> tuple[dict[str, Tensor], dict[str, str]]:
     keys = list(state["state"])
     tensors: dict[str, Tensor] = {}
     other: dict[str, dict] = {}
@@ -121,7 +122,7 @@ def _optimizer_to_tensors(state: dict) -> tuple[dict[str, Tensor], dict[str, str
     return tensors, meta
 
 
-def _optimizer_from_file(path: Path, device: torch.device) -> dict:
+def optimizer_from_file(path: Path, device: torch.device) -> dict:
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
     tensors = load_file(str(path), device=str(device))
@@ -135,7 +136,7 @@ def _optimizer_from_file(path: Path, device: torch.device) -> dict:
     return {"state": state, "param_groups": json.loads(meta["param_groups"])}
 
 
-def _capture_rng(noise: torch.Generator) -> tuple[dict[str, Tensor], dict[str, str]]:
+def capture_rng(noise: torch.Generator) -> tuple[dict[str, Tensor], dict[str, str]]:
     tensors = {"torch": torch.get_rng_state(), "noise": noise.get_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
@@ -150,7 +151,7 @@ def _capture_rng(noise: torch.Generator) -> tuple[dict[str, Tensor], dict[str, s
     return tensors, meta
 
 
-def _restore_rng(path: Path, noise: torch.Generator) -> None:
+def restore_rng(path: Path, noise: torch.Generator) -> None:
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
     tensors = load_file(str(path))
@@ -265,14 +266,14 @@ class CheckpointMixin:
         acc = self.accelerator
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        state = _optimizer_from_file(ckpt / "optimizer.safetensors", torch.device("cpu"))
+        state = optimizer_from_file(ckpt / "optimizer.safetensors", torch.device("cpu"))
         set_optimizer_state_dict(
             self.module,
             self.optimizer.optimizer,
             optim_state_dict=state,
             options=StateDictOptions(full_state_dict=self.fsdp),
         )
-        self.scheduler.load_state_dict(_read_json(ckpt / "scheduler.json"))
+        self.scheduler.load_state_dict(read_json(ckpt / "scheduler.json"))
         if self.ema is not None:
             if (ckpt / "ema.safetensors").is_file():
                 self.ema.load_state_dict(load_file(str(ckpt / "ema.safetensors")))
@@ -287,7 +288,7 @@ class CheckpointMixin:
         elif not rng.is_file():
             logger.warning("%s is missing: RNG streams restart (resume is not exact)", rng)
         else:
-            _restore_rng(rng, self.noise)
+            restore_rng(rng, self.noise)
         if saved.get("num_processes") == acc.num_processes:
             self.data.load_state(saved["data"])
         else:
@@ -329,16 +330,16 @@ class CheckpointMixin:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
-        rng, rng_meta = _capture_rng(self.noise)
-        _save_tensors(tmp / f"rng-{acc.process_index:05d}.safetensors", rng, rng_meta)
+        rng, rng_meta = capture_rng(self.noise)
+        save_tensors(tmp / f"rng-{acc.process_index:05d}.safetensors", rng, rng_meta)
         if acc.is_main_process:
-            _save_tensors(tmp / "trainable.safetensors", trainable, {"format": "egolcd-trainable/1"})
+            save_tensors(tmp / "trainable.safetensors", trainable, {"format": "egolcd-trainable/1"})
             if cfg.lora.enabled and not self.fsdp:
                 _save_lora_quietly(self.transformer, tmp / "lora")
             if self.ema is not None:
-                _save_tensors(tmp / "ema.safetensors", self.ema.state_dict(), {"decay": str(self.ema.decay)})
-            tensors, meta = _optimizer_to_tensors(optim)
-            _save_tensors(tmp / "optimizer.safetensors", tensors, meta)
+                save_tensors(tmp / "ema.safetensors", self.ema.state_dict(), {"decay": str(self.ema.decay)})
+            tensors, meta = optimizer_to_tensors(optim)
+            save_tensors(tmp / "optimizer.safetensors", tensors, meta)
             (tmp / "scheduler.json").write_text(json.dumps(self.scheduler.state_dict()))
             (tmp / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             state = {
@@ -355,7 +356,7 @@ class CheckpointMixin:
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))  # written last
         acc.wait_for_everyone()
         if acc.is_main_process:
-            _fsync_tree(tmp)
+            fsync_tree(tmp)
             old = final.with_name(final.name + ".old")
             if final.exists():  # the same step saved before (resumed from an older checkpoint)
                 os.replace(final, old)

@@ -26,7 +26,7 @@ from ..flow import sample_training_timesteps
 from ..losses import LossWeights, scored_chunks
 from ..memory import MemoryPolicy
 from ..transformer import EgoLCDTransformer3DModel
-from .checkpoint import CheckpointMixin, _read_json
+from .checkpoint import CheckpointMixin, read_json
 from .config import TrainConfig, _bad, load_train_config
 from .data import _DataStream, open_dataset
 from .model import (
@@ -114,7 +114,7 @@ class Trainer(CheckpointMixin, MonitorMixin):
                 shutil.rmtree(stale, ignore_errors=True)
         acc.wait_for_everyone()
         if self.resume_from is not None:
-            saved = _read_json(self.resume_from / "trainer_state.json")
+            saved = read_json(self.resume_from / "trainer_state.json")
             self._check_compatible(self.resume_from)
         self.init_dir = self._init_dir()
 
