@@ -540,10 +540,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", help="dataset root (metadata.csv + videos/)")
     p.add_argument("--out", required=True, help="output VAE folder (diffusers layout)")
     p.add_argument("--preset", default="demo", choices=sorted(PRESETS))
-    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--steps", type=int, default=6000)
     p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--crop-frames", type=int, default=5)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--crop-frames", type=int, default=13, help="frames per training crop, 4k + 1 (default: 13)")
     p.add_argument("--chunks-per-clip", type=int, default=4, help="frames loaded per video, in DiT chunks")
     p.add_argument("--crop-size", type=int, help="train on random square crops of this many pixels")
     p.add_argument("--threads", type=int, help="torch CPU threads")
@@ -553,11 +553,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latent-channels", type=int,
                    help="a new VAE with this many latent channels (default: the preset's)")
     p.add_argument("--base-dim", type=int, help="a new VAE with this base width (default: the preset's)")
-    p.add_argument("--loss", choices=["l1", "mse"], default="l1", help="reconstruction error (default: l1)")
-    p.add_argument("--posterior", choices=["sample", "mode"], default="sample",
-                   help="decode a posterior sample or its mean, the DiT's latents (default: sample)")
-    p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
-                   help="after a 100-step warm-up: constant, or cosine down to 10%% of --lr (default: constant)")
+    p.add_argument("--loss", choices=["l1", "mse"], default="mse", help="reconstruction error (default: mse)")
+    p.add_argument("--posterior", choices=["sample", "mode"], default="mode",
+                   help="decode a posterior sample or its mean, the DiT's latents (default: mode)")
+    p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="cosine",
+                   help="after a 100-step warm-up: constant, or cosine down to 10%% of --lr (default: cosine)")
     p.add_argument("--checkpoint-every", type=int, default=500,
                    help="steps between resumable checkpoints in OUT/checkpoint/ (0: none)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint/ when there is one")

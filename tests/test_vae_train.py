@@ -121,4 +121,26 @@ def test_train_vae_rejects_unknown_choices(tmp_path):
 
     with pytest.raises(ValueError, match="posterior must be one of"):
         train_vae(VAETrainConfig(data=str(data), out=str(tmp_path / "v"), preset="tiny", posterior="mean"))
+    with pytest.raises(ValueError, match="fewer than crop_frames=17"):  # 13-frame clips
+        train_vae(VAETrainConfig(data=str(data), out=str(tmp_path / "v"), preset="tiny", crop_frames=17,
+                                 chunks_per_clip=2))
     assert not (tmp_path / "v").exists()
+
+
+def test_train_vae_cli_defaults_are_the_config_defaults():
+    """The parser repeats the defaults and choices (it must not import torch); they may not drift apart."""
+    from dataclasses import MISSING, fields
+
+    from egolcd.cli import build_parser
+    from egolcd.vae_train import _CHOICES
+
+    args = build_parser().parse_args(["train-vae", "data", "--out", "out"])
+    compared = 0
+    for f in fields(VAETrainConfig):
+        if f.default is not MISSING and hasattr(args, f.name) and f.name not in ("data", "out"):
+            assert getattr(args, f.name) == f.default, f.name
+            compared += 1
+    assert compared >= 12
+    actions = {a.dest: a for a in build_parser()._subparsers._group_actions[0].choices["train-vae"]._actions}
+    for name, choices in _CHOICES.items():
+        assert tuple(actions[name].choices) == choices, name
