@@ -85,13 +85,19 @@ _RESUMABLE = ("steps", "threads", "log_every", "checkpoint_every", "resume")
 _CHOICES = {"loss": ("l1", "mse"), "posterior": ("sample", "mode"), "lr_schedule": ("constant", "cosine")}
 
 
+def _clip_config(config: VAETrainConfig):
+    """The dataset's ``EgoVidConfig`` (no I/O): its ``num_frames`` is every loaded clip's length."""
+    from .data import build_from_preset
+
+    return build_from_preset(config.preset, config.data, max_clips=config.max_clips,
+                             chunks_per_clip=config.chunks_per_clip)
+
+
 def _load_clips(config: VAETrainConfig) -> torch.Tensor:
     """All clips decoded once: uint8 ``(N, 3, T, H, W)`` (small sim datasets fit in memory)."""
-    from .data import EgoVidDataset, build_from_preset
+    from .data import EgoVidDataset
 
-    dataset = EgoVidDataset(build_from_preset(
-        config.preset, config.data, max_clips=config.max_clips, chunks_per_clip=config.chunks_per_clip
-    ))
+    dataset = EgoVidDataset(_clip_config(config))
     clips = []
     for i in tqdm(range(len(dataset)), desc="decoding clips", unit="clip"):
         video = dataset[i]["video"]  # (3, T, H, W) in [-1, 1]
@@ -141,6 +147,10 @@ def _check(config: VAETrainConfig) -> None:
             raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(config, name)!r}")
     if config.steps < 1 or config.checkpoint_every < 0:
         raise ValueError(f"steps must be >= 1 and checkpoint_every >= 0, got {config.steps}, {config.checkpoint_every}")
+    clip_frames = _clip_config(config).num_frames
+    if clip_frames < config.crop_frames:
+        raise ValueError(f"the clips hold {clip_frames} frames, fewer than crop_frames={config.crop_frames}; "
+                         "raise chunks_per_clip or lower crop_frames")
 
 
 def _save_checkpoint(
@@ -211,9 +221,6 @@ def train_vae(config: VAETrainConfig, device: str = "cpu") -> Path:
             vae_config.update(base_dim=int(config.base_dim))
         model = VideoVAE.from_config_dict(vae_config, seed=config.seed).model.to(device)
     clips = _load_clips(config)
-    if clips.shape[2] < config.crop_frames:
-        raise ValueError(f"the clips hold {clips.shape[2]} frames, fewer than crop_frames={config.crop_frames}; "
-                         "raise chunks_per_clip or lower crop_frames")
     logger.info("training the %s VAE on %d clips of %s", config.preset, len(clips), tuple(clips.shape[2:]))
     model.train().requires_grad_(not config.decoder_only)
     if config.decoder_only:
