@@ -25,7 +25,7 @@ import resource
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -153,6 +153,22 @@ def mfu(result: dict[str, Any], peak_flops: float) -> float:
     return result["flops_per_chunk"] / statistics.median(result["chunk_seconds"][-8:]) / peak_flops
 
 
+@dataclass
+class _Pass:
+    """One pass under way (``begin_pass`` .. ``end_pass``): its memory, seeded inputs and per-chunk records."""
+
+    policy: Any
+    state: Any
+    g: torch.Generator
+    texts: torch.Tensor  # (segments, 1, text_tokens, text_dim)
+    keys: torch.Tensor  # (segments, 1, 64), unit norm
+    arena: Any
+    prompts: dict[int, Any] = field(default_factory=dict)  # per segment, made at its first chunk (as the pipeline)
+    seconds: list[float] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    mem_bytes: list[int] = field(default_factory=list)
+
+
 class PolicyRun:
     """One policy's chunk loop, set up once (random weights, sizes, sampler) and run as whole passes.
 
@@ -194,7 +210,7 @@ class PolicyRun:
         self.tokens: list[int] | None = None
         self.mem_bytes: list[int] | None = None
         self.passes: list[list[float]] = []  # per pass, per chunk seconds
-        self._pass: dict[str, Any] = {}  # the pass under way (begin_pass .. end_pass)
+        self._pass: _Pass | None = None  # the pass under way (begin_pass .. end_pass)
         if self.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
 
@@ -215,12 +231,10 @@ class PolicyRun:
         g = torch.Generator().manual_seed(config.seed)
         texts = torch.randn(config.segments, 1, config.text_tokens, model.config.text_dim, generator=g)
         keys = torch.nn.functional.normalize(torch.randn(config.segments, 1, 64, generator=g), dim=-1).to(device)
-        self._pass = {
-            "policy": policy, "state": policy.init_state(), "g": g, "texts": texts.to(device, self.dtype),
-            "keys": keys, "prompts": {},  # per segment, made at the segment's first chunk (as the pipeline does)
-            "arena": ContextArena(reserve=self.n_tokens, reuse=config.fast_path) if config.arena else None,
-            "seconds": [], "tokens": [], "mem_bytes": [],
-        }
+        self._pass = _Pass(
+            policy=policy, state=policy.init_state(), g=g, texts=texts.to(device, self.dtype), keys=keys,
+            arena=ContextArena(reserve=self.n_tokens, reuse=config.fast_path) if config.arena else None,
+        )
 
     @torch.inference_mode()
     def step(self) -> float:
@@ -228,36 +242,38 @@ class PolicyRun:
         from .pipeline import generate_chunk
 
         config, model, device, k, run = self.config, self.model, self.device, self.k, self._pass
-        c = len(run["seconds"])
+        assert run is not None, "begin_pass first"
+        c = len(run.seconds)
         seg = c * config.segments // config.chunks
-        noise = torch.randn((1, self.preset.latent_channels, k, *self.latent_hw), generator=run["g"])
+        noise = torch.randn((1, self.preset.latent_channels, k, *self.latent_hw), generator=run.g)
         noise = noise.to(device, self.dtype)
-        prompts = run["prompts"]
+        prompts = run.prompts
         _sync(device)
         t0 = time.perf_counter()
         if seg not in prompts:
-            prompts[seg] = model.prompt_cache(run["texts"][seg]) if config.fast_path else run["texts"][seg]
+            prompts[seg] = model.prompt_cache(run.texts[seg]) if config.fast_path else run.texts[seg]
         _, ctx = generate_chunk(
-            model, run["policy"], run["state"], noise, prompts[seg], run["keys"][seg], seg, [], self.sigmas,
-            self.sample, arena=run["arena"],
+            model, run.policy, run.state, noise, prompts[seg], run.keys[seg], seg, [], self.sigmas,
+            self.sample, arena=run.arena,
         )
         _sync(device)
         seconds = time.perf_counter() - t0
-        run["seconds"].append(seconds)
-        run["tokens"].append(ctx.tokens_per_layer)
-        run["mem_bytes"].append(run["state"].nbytes)
+        run.seconds.append(seconds)
+        run.tokens.append(ctx.tokens_per_layer)
+        run.mem_bytes.append(run.state.nbytes)
         return seconds
 
     def end_pass(self) -> list[float]:
         """Finish the pass: check it did the same work as the first, keep its per-chunk seconds."""
         run = self._pass
-        seconds, tokens, mem_bytes = run["seconds"], run["tokens"], run["mem_bytes"]
+        assert run is not None, "begin_pass first"
+        seconds, tokens, mem_bytes = run.seconds, run.tokens, run.mem_bytes
         if self.tokens is not None and (tokens != self.tokens or mem_bytes != self.mem_bytes):
             # same seeds, same work: or it is a bug
             raise RuntimeError(f"bench: pass of {self.policy_name} differs from the first (non-deterministic memory)")
-        self.tokens, self.mem_bytes, self.policy, self.arena = tokens, mem_bytes, run["policy"], run["arena"]
+        self.tokens, self.mem_bytes, self.policy, self.arena = tokens, mem_bytes, run.policy, run.arena
         self.passes.append(seconds)
-        self._pass = {}
+        self._pass = None
         return seconds
 
     def result(self) -> dict[str, Any]:
