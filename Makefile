@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # CPU build of PyTorch, pinned so a fresh machine installs it from local disk (see README).
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: venv test demo studio lint clean
+.PHONY: venv test demo demo-recipe studio lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ demo: venv
 	@mkdir -p outputs
 	$(VENV)/bin/egolcd generate examples/maze_revisit.yaml -o outputs/maze_revisit.mp4
 	@echo "video written to outputs/maze_revisit.mp4"
+
+# The embedded demo model's whole training recipe on the CPU (resumable; see egolcd/assets/demo/README.md).
+WORKDIR ?= .
+demo-recipe: venv
+	bash scripts/demo_recipe.sh $(WORKDIR)
 
 studio: venv
 	$(VENV)/bin/egolcd studio
