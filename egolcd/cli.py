@@ -190,7 +190,7 @@ def cmd_prepare_data(args: argparse.Namespace) -> int:
     width, height = _parse_size(args.size)
     out = prepare_data(
         args.source, args.out, episodes=args.episodes, seconds=args.seconds, seed=args.seed, width=width,
-        height=height, fps=args.fps, progress=not args.quiet,
+        height=height, fps=args.fps, progress=not args.quiet, workers=args.workers,
     )
     sys.stdout.write(f"{out}\n")
     return 0
@@ -435,6 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", default="64x64", help="WIDTHxHEIGHT")
     p.add_argument("--fps", type=int, default=8)
+    p.add_argument("--workers", type=int, default=1, help="episodes rendered side by side (same data for any N)")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_prepare_data)
 

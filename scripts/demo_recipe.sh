@@ -35,7 +35,8 @@ step() {  # step NAME DONE_MARKER COMMAND...: run COMMAND unless DONE_MARKER exi
 }
 
 step data data/maze40a/revisits.json \
-    "$EGOLCD" prepare-data memory-maze --out data/maze40a --episodes 48 --seconds 40 --seed 0 --size 64x64 --fps 8
+    "$EGOLCD" prepare-data memory-maze --out data/maze40a --episodes 48 --seconds 40 --seed 0 --size 64x64 --fps 8 \
+    --workers "$THREADS"
 step vae models/demo-vae/config.json \
     "$EGOLCD" train-vae data/maze40a --out models/demo-vae --preset demo --batch-size 2 --lr 1e-3 --crop-size 32 \
     --crop-frames 13 --chunks-per-clip 26 --threads "$THREADS" --seed 0 --lr-schedule cosine --posterior mode \

@@ -9,9 +9,12 @@ import importlib
 import json
 import logging
 import math
+import multiprocessing
 import os
 import secrets
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -168,11 +171,12 @@ def prepare_data(
     height: int,
     fps: int,
     progress: bool = True,
+    workers: int = 1,
 ) -> Path:
     """Render ``episodes`` episodes of a simulated source into an EgoVid-5M-format dataset (module doc).
 
     Episodes are deterministic for ``(source, seed, episode index, seconds, size, fps)``; episode ``i``
-    does not depend on how many episodes are generated.
+    does not depend on how many episodes are generated, nor on ``workers``.
 
     Args:
         source: ``"memory-maze"`` or ``"tabletop"``.
@@ -183,6 +187,8 @@ def prepare_data(
         width, height: frame size (even).
         fps: frames per second.
         progress: show progress bars.
+        workers: processes rendering episodes side by side (each with its own simulator); the index
+            (``metadata.csv``, ``revisits.json``) is written in episode order as they finish.
 
     Returns:
         the dataset folder.
@@ -192,43 +198,89 @@ def prepare_data(
         MissingDependencyError: the source's optional packages are not installed.
     """
     num_frames = _check_args(episodes, seconds, seed, width, height, fps)
+    if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers < 1:
+        raise ValueError(f"workers must be a positive integer, got {workers!r}")
     cls = _load_source(source)
     out = Path(out_dir).expanduser()
     for sub in ("videos", "poses", "narratives"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     rows, columns, revisits_all = _read_existing(out)
     columns = list(CSV_COLUMNS) + [c for c in columns if c not in CSV_COLUMNS]
-    generator = cls(width=int(width), height=int(height), fps=int(fps))
-    slug = source.replace("_", "-")
+    job = _EpisodeJob(source, seed, num_frames, str(out), int(width), int(height), int(fps))
+    bar = tqdm(total=episodes, desc=f"{source} episodes", unit="episode", disable=not progress)
     with contextlib.ExitStack() as stack:
-        if hasattr(generator, "close"):
-            stack.callback(generator.close)
-        bar = tqdm(range(episodes), desc=f"{source} episodes", unit="episode", disable=not progress)
-        for index in bar:
-            video_id = f"{slug}-s{seed}-e{index:04d}_0_{num_frames}"
-            rng = episode_rng(source, seed, index)
-            with generator.episode(rng, num_frames) as episode:
-                found = detect_revisits(episode.poses, episode.segments, episode.tolerance, episode.state)
-                _write_episode(out, video_id, episode, fps, width, height, progress)
-                _write_npy(out / "poses" / f"{video_id}.npy", episode.poses.astype(np.float32))
-                _write_text(out / "narratives" / f"{video_id}.yaml", _narrative_yaml(episode, fps))
-                row = dict(
-                    video_id=video_id,
-                    frame_num=str(num_frames),
-                    fps=str(fps),
-                    llava_cap=build_caption(episode.scene, [s.action for s in episode.segments]),
-                    name=episode.name,
-                    noun_cls=";".join(episode.nouns),
-                    verb_cls=";".join(episode.verbs),
-                    source=source,
-                    narrative=f"narratives/{video_id}.yaml",
-                    pose=f"poses/{video_id}.npy",
-                )
+        stack.enter_context(bar)
+        if workers == 1:
+            generator = cls(width=job.width, height=job.height, fps=job.fps)
+            if hasattr(generator, "close"):
+                stack.callback(generator.close)
+            results: Any = (_render_episode(generator, job, index, progress) for index in range(episodes))
+        else:
+            pool = ProcessPoolExecutor(
+                max_workers=min(int(workers), episodes), mp_context=multiprocessing.get_context("spawn"),
+                initializer=_init_worker, initargs=(job,),
+            )
+            stack.callback(pool.shutdown, cancel_futures=True)  # on an error or Ctrl-C: no episodes after it
+            results = pool.map(_render_in_worker, range(episodes))  # in episode order
+        for video_id, row, found, n_segments in results:
             rows = [r for r in rows if r.get("video_id") != video_id] + [row]
-            revisits_all[video_id] = [r.to_json() for r in found]
+            revisits_all[video_id] = found
             _write_index(out, rows, columns, revisits_all)
-            logger.info("episode %s: %d segments, %d revisits", video_id, len(episode.segments), len(found))
+            logger.info("episode %s: %d segments, %d revisits", video_id, n_segments, len(found))
+            bar.update(1)
     return out
+
+
+@dataclass(frozen=True)
+class _EpisodeJob:
+    """What every episode of one ``prepare_data`` call shares (sent once to each worker)."""
+
+    source: str
+    seed: int
+    num_frames: int
+    out: str
+    width: int
+    height: int
+    fps: int
+
+
+def _render_episode(
+    generator: Any, job: _EpisodeJob, index: int, progress: bool
+) -> tuple[str, dict[str, str], list[Any], int]:
+    """Render episode ``index`` and write its video, poses and narrative: (video_id, CSV row, revisits, segments)."""
+    out = Path(job.out)
+    video_id = f"{job.source.replace('_', '-')}-s{job.seed}-e{index:04d}_0_{job.num_frames}"
+    rng = episode_rng(job.source, job.seed, index)
+    with generator.episode(rng, job.num_frames) as episode:
+        found = detect_revisits(episode.poses, episode.segments, episode.tolerance, episode.state)
+        _write_episode(out, video_id, episode, job.fps, job.width, job.height, progress)
+        _write_npy(out / "poses" / f"{video_id}.npy", episode.poses.astype(np.float32))
+        _write_text(out / "narratives" / f"{video_id}.yaml", _narrative_yaml(episode, job.fps))
+        row = dict(
+            video_id=video_id,
+            frame_num=str(job.num_frames),
+            fps=str(job.fps),
+            llava_cap=build_caption(episode.scene, [s.action for s in episode.segments]),
+            name=episode.name,
+            noun_cls=";".join(episode.nouns),
+            verb_cls=";".join(episode.verbs),
+            source=job.source,
+            narrative=f"narratives/{video_id}.yaml",
+            pose=f"poses/{video_id}.npy",
+        )
+        return video_id, row, [r.to_json() for r in found], len(episode.segments)
+
+
+_WORKER: dict[str, Any] = {}  # in a worker process: its job and its own simulator
+
+
+def _init_worker(job: _EpisodeJob) -> None:
+    cls = _load_source(job.source)
+    _WORKER.update(job=job, generator=cls(width=job.width, height=job.height, fps=job.fps))
+
+
+def _render_in_worker(index: int) -> tuple[str, dict[str, str], list[Any], int]:
+    return _render_episode(_WORKER["generator"], _WORKER["job"], index, progress=False)
 
 
 def _write_episode(
