@@ -435,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", default="64x64", help="WIDTHxHEIGHT")
     p.add_argument("--fps", type=int, default=8)
-    p.add_argument("--workers", type=int, default=1, help="episodes rendered side by side (same data for any N)")
+    p.add_argument("--workers", type=int, default=1, help="episodes rendered side by side (the same episodes for any N)")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_prepare_data)
 
