@@ -147,7 +147,8 @@ def test_rerun_merges_rows(tmp_path: Path) -> None:
 
 
 def test_workers_write_the_same_dataset(tmp_path: Path) -> None:
-    """Episodes rendered in 2 processes: byte-identical files and index, in episode order."""
+    """Episodes rendered in 2 processes: the same index (in episode order), poses and narratives byte for byte;
+    the same videos up to renderer noise (the simulators' pixels are not bit-exact from run to run)."""
     _require("tabletop")
     kw = dict(episodes=3, seconds=SECONDS, seed=5, width=32, height=32, fps=FPS, progress=False)
     prepare_data("tabletop", tmp_path / "serial", **kw)
@@ -155,7 +156,14 @@ def test_workers_write_the_same_dataset(tmp_path: Path) -> None:
     files = sorted(p.relative_to(tmp_path / "serial") for p in (tmp_path / "serial").rglob("*") if p.is_file())
     assert len(files) == 2 + 3 * 3  # metadata.csv, revisits.json, and a video, poses and narrative each
     for rel in files:
-        assert (tmp_path / "serial" / rel).read_bytes() == (tmp_path / "pool" / rel).read_bytes(), rel
+        a, b = tmp_path / "serial" / rel, tmp_path / "pool" / rel
+        if rel.suffix != ".mp4":
+            assert a.read_bytes() == b.read_bytes(), rel
+            continue
+        va, vb = (read_video(v)[0].astype(np.float64) for v in (a, b))
+        assert va.shape == vb.shape and va.shape[0] == NUM_FRAMES, rel
+        mse = float(((va - vb) ** 2).mean())
+        assert mse == 0.0 or 10 * np.log10(255.0**2 / mse) > 40.0, rel
     with pytest.raises(ValueError, match="workers must be a positive integer"):
         prepare_data("tabletop", tmp_path / "bad", workers=0, **kw)
 

@@ -177,8 +177,8 @@ def prepare_data(
 
     Episodes are deterministic for ``(source, seed, episode index, seconds, size, fps)``; episode ``i``
     does not depend on how many episodes are generated, nor on ``workers``. Poses, narratives, captions and
-    revisits are identical from run to run; memory-maze's rendered pixels are not bit-exact (a few frames
-    of an episode differ by renderer noise, about 50 dB PSNR between two runs, serial or not).
+    revisits are identical from run to run; the rendered pixels are not bit-exact (a few frames of an episode
+    differ by renderer noise, about 50 dB PSNR between two memory-maze runs, serial or not).
 
     Args:
         source: ``"memory-maze"`` or ``"tabletop"``.
