@@ -24,7 +24,7 @@ from pathlib import Path
 
 from . import __version__
 from .cli_checks import check_output, check_size, footage_option, precheck_model
-from .config import MEMORY_POLICIES, PRESETS
+from .config import MEMORY_POLICIES, PRESETS, VAE_TRAIN_CHOICES
 from .errors import USER_ERRORS, error_line
 
 logger = logging.getLogger("egolcd")
@@ -486,10 +486,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latent-channels", type=int,
                    help="a new VAE with this many latent channels (default: the preset's)")
     p.add_argument("--base-dim", type=int, help="a new VAE with this base width (default: the preset's)")
-    p.add_argument("--loss", choices=["l1", "mse"], default="mse", help="reconstruction error (default: mse)")
-    p.add_argument("--posterior", choices=["sample", "mode"], default="mode",
+    p.add_argument("--loss", choices=VAE_TRAIN_CHOICES["loss"], default="mse", help="reconstruction error (default: mse)")
+    p.add_argument("--posterior", choices=VAE_TRAIN_CHOICES["posterior"], default="mode",
                    help="decode a posterior sample or its mean, the DiT's latents (default: mode)")
-    p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="cosine",
+    p.add_argument("--lr-schedule", choices=VAE_TRAIN_CHOICES["lr_schedule"], default="cosine",
                    help="after a 100-step warm-up: constant, or cosine down to 10%% of --lr (default: cosine)")
     p.add_argument("--checkpoint-every", type=int, default=500,
                    help="steps between resumable checkpoints in OUT/checkpoint/ (0: none)")

@@ -222,3 +222,12 @@ def get_preset(name: str) -> Preset:
         return PRESETS[name]
     except KeyError:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None
+
+
+#: ``train-vae``'s option choices, here (no torch) so that the command-line parser and ``VAETrainConfig``
+#: read one definition: reconstruction error, what is decoded, the learning-rate schedule.
+VAE_TRAIN_CHOICES: dict[str, tuple[str, ...]] = {
+    "loss": ("l1", "mse"),
+    "posterior": ("sample", "mode"),
+    "lr_schedule": ("constant", "cosine"),
+}

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .config import get_preset
+from .config import VAE_TRAIN_CHOICES, get_preset
 from .vae import VideoVAE, embedded_vae_config
 
 logger = logging.getLogger(__name__)
@@ -82,7 +82,6 @@ class VAETrainConfig:
 
 #: Settings that may change when a run is resumed (how long, how fast, how often to report or save).
 _RESUMABLE = ("steps", "threads", "log_every", "checkpoint_every", "resume")
-_CHOICES = {"loss": ("l1", "mse"), "posterior": ("sample", "mode"), "lr_schedule": ("constant", "cosine")}
 
 
 def _clip_config(config: VAETrainConfig):
@@ -142,7 +141,7 @@ def _check(config: VAETrainConfig) -> None:
         value = getattr(config, name)
         if value is not None and (value < 1 or config.init is not None):
             raise ValueError(f"{name} must be a positive integer for a new VAE (not with init), got {value}")
-    for name, allowed in _CHOICES.items():
+    for name, allowed in VAE_TRAIN_CHOICES.items():
         if getattr(config, name) not in allowed:
             raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(config, name)!r}")
     if config.steps < 1 or config.checkpoint_every < 0:

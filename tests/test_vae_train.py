@@ -128,11 +128,12 @@ def test_train_vae_rejects_unknown_choices(tmp_path):
 
 
 def test_train_vae_cli_defaults_are_the_config_defaults():
-    """The parser repeats the defaults and choices (it must not import torch); they may not drift apart."""
+    """The parser repeats the defaults (it must not import torch); they may not drift apart. Its choices are
+    config.VAE_TRAIN_CHOICES, which VAETrainConfig checks."""
     from dataclasses import MISSING, fields
 
     from egolcd.cli import build_parser
-    from egolcd.vae_train import _CHOICES
+    from egolcd.config import VAE_TRAIN_CHOICES
 
     args = build_parser().parse_args(["train-vae", "data", "--out", "out"])
     compared = 0
@@ -142,5 +143,5 @@ def test_train_vae_cli_defaults_are_the_config_defaults():
             compared += 1
     assert compared >= 12
     actions = {a.dest: a for a in build_parser()._subparsers._group_actions[0].choices["train-vae"]._actions}
-    for name, choices in _CHOICES.items():
+    for name, choices in VAE_TRAIN_CHOICES.items():
         assert tuple(actions[name].choices) == choices, name
