@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 
 import numpy as np
+import pytest
 import torch
 
 from egolcd.cli import main
@@ -113,6 +114,44 @@ def test_train_vae_resumes_bit_for_bit(tmp_path, monkeypatch):
     for key in a:
         assert torch.equal(a[key], b[key]), key
     assert whole.model.config.latents_std == resumed.model.config.latents_std
+
+
+def test_decoder_only_resumes_bit_for_bit_and_keeps_the_encoder(tmp_path, monkeypatch):
+    """A decoder-only run (`--decoder-only`): continued from a trained VAE, cut off, resumed (with init given again)
+    to the weights of an uninterrupted run; encoder, quant_conv and latent statistics stay the init's."""
+    import egolcd.vae_train as vt
+
+    data = make_dataset(tmp_path / "data", n=2)
+    base = train_vae(VAETrainConfig(data=str(data), out=str(tmp_path / "base"), preset="tiny", steps=2,
+                                    batch_size=1, log_every=100, chunks_per_clip=2))
+
+    def config(out, **kw):
+        return VAETrainConfig(data=str(data), out=str(out), preset="tiny", steps=6, batch_size=1, lr=2e-3,
+                              log_every=100, chunks_per_clip=2, checkpoint_every=3, init=str(base),
+                              decoder_only=True, **kw)
+
+    whole = VideoVAE.from_pretrained(train_vae(config(tmp_path / "whole")))
+    real_batch, calls = vt._batch, {"n": 0}
+
+    def cut_off(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real_batch(*args, **kwargs)
+
+    monkeypatch.setattr(vt, "_batch", cut_off)
+    with pytest.raises(KeyboardInterrupt):
+        train_vae(config(tmp_path / "cut"))
+    monkeypatch.setattr(vt, "_batch", real_batch)
+    resumed = VideoVAE.from_pretrained(train_vae(config(tmp_path / "cut", resume=True)))
+    init = VideoVAE.from_pretrained(base).model.state_dict()
+    a, b = whole.model.state_dict(), resumed.model.state_dict()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+        if not key.startswith(("decoder.", "post_quant_conv.")):
+            assert torch.equal(a[key], init[key]), key  # the encoder side, hence the latents, unchanged
+    assert any(not torch.equal(a[k], init[k]) for k in a if k.startswith("decoder."))
+    assert whole.model.config.latents_std == VideoVAE.from_pretrained(base).model.config.latents_std
 
 
 def test_train_vae_rejects_unknown_choices(tmp_path):
