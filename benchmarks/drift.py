@@ -340,8 +340,11 @@ def main() -> None:
               "| paired difference (revisit PSNR) | mean (dB) | 95% bootstrap CI |", "|---|---|---|"]
     for name, (m, lo, hi) in diffs.items():
         lines.append(f"| {name} | {m:+.2f} | [{lo:+.2f}, {hi:+.2f}] |")
-    lines += ["", "| memory gate: teacher-forced flow loss on held-out revisit chunks | own store | another episode's "
-              "store | no long-term store | (swapped - own) / own, 95% CI |", "|---|---|---|---|---|"]
+    if gates:
+        lines += ["", "| memory gate: teacher-forced flow loss on held-out revisit chunks | own store | another "
+                  "episode's store | no long-term store | (swapped - own) / own, 95% CI |", "|---|---|---|---|---|"]
+    else:
+        lines += ["", "memory gate: not run (--no-gate)"]
     for t, g in gates.items():
         m, lo, hi = g["swapped_over_own"]
         lines.append(f"| t = {t}, {g['revisit_chunks']} chunks | {g['own_store']:.4f} | {g['swapped_store']:.4f} | "
