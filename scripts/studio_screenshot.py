@@ -1,5 +1,5 @@
 """Regenerate docs/studio.png: the studio with the embedded demo model, maze_revisit.yaml generated and
-chunk 19 (the revisit) open in the memory inspector. Needs the studio extra and /usr/bin/chromium.
+chunk 13 (the revisit's first) open in the memory inspector. Needs the studio extra and /usr/bin/chromium.
 
     .venv/bin/python scripts/studio_screenshot.py [--out docs/studio.png]
 """
@@ -26,7 +26,7 @@ CHROMIUM_ARGS = [
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="docs/studio.png")
-    parser.add_argument("--chunk", type=int, default=19, help="chunk to open in the inspector")
+    parser.add_argument("--chunk", type=int, default=13, help="chunk to open in the inspector (13: the revisit's first)")
     args = parser.parse_args()
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
