@@ -52,6 +52,8 @@ def main() -> None:
                 box = page.locator("#inspector-chunk input[type=number]")
                 box.fill(str(args.chunk))
                 box.press("Enter")
+                # the inspector must show that chunk (a chunk past the run's end is refused in the server: fail here)
+                page.get_by_text(f"Chunk {args.chunk} ·").first.wait_for(timeout=30_000)
                 page.wait_for_timeout(2500)
                 page.click("#memory-inspector [data-testid=cell-0-1]")
                 page.wait_for_timeout(2500)
