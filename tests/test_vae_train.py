@@ -75,10 +75,26 @@ def test_train_vae_with_more_latent_channels(tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
-def test_train_vae_resumes_bit_for_bit(tmp_path, monkeypatch):
-    """A run cut off after its step-3 checkpoint and resumed ends with the weights of an uninterrupted run."""
+def _train_cut_off(monkeypatch, config: VAETrainConfig, at_batch: int = 5) -> None:
+    """Run ``train_vae(config)`` and interrupt it (as Ctrl-C would) when it draws its ``at_batch``-th batch."""
     import egolcd.vae_train as vt
 
+    real_batch, calls = vt._batch, {"n": 0}
+
+    def cut_off(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == at_batch:
+            raise KeyboardInterrupt
+        return real_batch(*args, **kwargs)
+
+    monkeypatch.setattr(vt, "_batch", cut_off)
+    with pytest.raises(KeyboardInterrupt):
+        train_vae(config)
+    monkeypatch.setattr(vt, "_batch", real_batch)
+
+
+def test_train_vae_resumes_bit_for_bit(tmp_path, monkeypatch):
+    """A run cut off after its step-3 checkpoint and resumed ends with the weights of an uninterrupted run."""
     data = make_dataset(tmp_path / "data", n=2)
 
     def config(out, **kw):
@@ -87,21 +103,7 @@ def test_train_vae_resumes_bit_for_bit(tmp_path, monkeypatch):
                               loss="mse", **kw)
 
     whole = VideoVAE.from_pretrained(train_vae(config(tmp_path / "whole")))
-    calls = {"n": 0}
-    real_batch = vt._batch
-
-    def cut_off(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt
-        return real_batch(*args, **kwargs)
-
-    monkeypatch.setattr(vt, "_batch", cut_off)
-    try:
-        train_vae(config(tmp_path / "cut"))
-    except KeyboardInterrupt:
-        pass
-    monkeypatch.setattr(vt, "_batch", real_batch)
+    _train_cut_off(monkeypatch, config(tmp_path / "cut"))
     assert (tmp_path / "cut" / "checkpoint" / "vae_train_state.json").is_file()
     # resuming with other settings than the checkpoint's is one clear error, and the checkpoint stays
     assert main(["train-vae", str(data), "--out", str(tmp_path / "cut"), "--preset", "tiny", "--resume",
@@ -119,8 +121,6 @@ def test_train_vae_resumes_bit_for_bit(tmp_path, monkeypatch):
 def test_decoder_only_resumes_bit_for_bit_and_keeps_the_encoder(tmp_path, monkeypatch):
     """A decoder-only run (`--decoder-only`): continued from a trained VAE, cut off, resumed (with init given again)
     to the weights of an uninterrupted run; encoder, quant_conv and latent statistics stay the init's."""
-    import egolcd.vae_train as vt
-
     data = make_dataset(tmp_path / "data", n=2)
     base = train_vae(VAETrainConfig(data=str(data), out=str(tmp_path / "base"), preset="tiny", steps=2,
                                     batch_size=1, log_every=100, chunks_per_clip=2))
@@ -131,33 +131,21 @@ def test_decoder_only_resumes_bit_for_bit_and_keeps_the_encoder(tmp_path, monkey
                               decoder_only=True, **kw)
 
     whole = VideoVAE.from_pretrained(train_vae(config(tmp_path / "whole")))
-    real_batch, calls = vt._batch, {"n": 0}
-
-    def cut_off(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt
-        return real_batch(*args, **kwargs)
-
-    monkeypatch.setattr(vt, "_batch", cut_off)
-    with pytest.raises(KeyboardInterrupt):
-        train_vae(config(tmp_path / "cut"))
-    monkeypatch.setattr(vt, "_batch", real_batch)
+    _train_cut_off(monkeypatch, config(tmp_path / "cut"))
     resumed = VideoVAE.from_pretrained(train_vae(config(tmp_path / "cut", resume=True)))
-    init = VideoVAE.from_pretrained(base).model.state_dict()
+    base_vae = VideoVAE.from_pretrained(base)
+    init = base_vae.model.state_dict()
     a, b = whole.model.state_dict(), resumed.model.state_dict()
     for key in a:
         assert torch.equal(a[key], b[key]), key
         if not key.startswith(("decoder.", "post_quant_conv.")):
             assert torch.equal(a[key], init[key]), key  # the encoder side, hence the latents, unchanged
     assert any(not torch.equal(a[k], init[k]) for k in a if k.startswith("decoder."))
-    assert whole.model.config.latents_std == VideoVAE.from_pretrained(base).model.config.latents_std
+    assert whole.model.config.latents_std == base_vae.model.config.latents_std
 
 
 def test_train_vae_rejects_unknown_choices(tmp_path):
     data = make_dataset(tmp_path / "data", n=1)
-    import pytest
-
     with pytest.raises(ValueError, match="posterior must be one of"):
         train_vae(VAETrainConfig(data=str(data), out=str(tmp_path / "v"), preset="tiny", posterior="mean"))
     with pytest.raises(ValueError, match="fewer than crop_frames=17"):  # 13-frame clips
