@@ -469,7 +469,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--outputs", default="outputs/studio", help="folder for the generated videos")
     p.set_defaults(func=cmd_studio)
 
-    p = sub.add_parser("train-vae", help="train the embedded video VAE on an EgoVid-format dataset")
+    p = sub.add_parser("train-vae", help="train the embedded video VAE on an EgoVid-format dataset "
+                       "(`ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 -m egolcd train-vae` for two processes)")
     p.add_argument("data", help="dataset root (metadata.csv + videos/)")
     p.add_argument("--out", required=True, help="output VAE folder (diffusers layout)")
     p.add_argument("--preset", default="demo", choices=sorted(PRESETS))
@@ -491,6 +492,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode a posterior sample or its mean, the DiT's latents (default: mode)")
     p.add_argument("--lr-schedule", choices=VAE_TRAIN_CHOICES["lr_schedule"], default="cosine",
                    help="after a 100-step warm-up: constant, or cosine down to 10%% of --lr (default: cosine)")
+    p.add_argument("--precision", choices=VAE_TRAIN_CHOICES["precision"], default="fp32",
+                   help="bf16: encoder and decoder under bf16 autocast, faster on CPUs with AVX-512 BF16 "
+                   "(default: fp32)")
     p.add_argument("--checkpoint-every", type=int, default=500,
                    help="steps between resumable checkpoints in OUT/checkpoint/ (0: none)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint/ when there is one")

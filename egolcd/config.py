@@ -230,4 +230,5 @@ VAE_TRAIN_CHOICES: dict[str, tuple[str, ...]] = {
     "loss": ("l1", "mse"),
     "posterior": ("sample", "mode"),
     "lr_schedule": ("constant", "cosine"),
+    "precision": ("fp32", "bf16"),
 }

@@ -11,6 +11,15 @@ random state (one seeded generator draws the crops and the posterior samples) ar
 ``OUT/checkpoint/`` (safetensors + JSON); ``resume=True`` continues from there, bit for bit, and the folder
 is removed once the finished VAE is saved.
 
+Both cores (or many GPUs): the small VAE does not get faster with more threads (its convolutions run on a
+few frames at a time), so ``torchrun --nproc_per_node 2 -m egolcd train-vae ... --threads 1`` (with
+``ACCELERATE_USE_CPU=1`` on CPU) trains in two processes: each takes its half of every global batch of
+``batch_size`` crops (drawn by one generator seeded alike in every process) and the gradients are averaged
+before the step, so any process count takes the same steps as one process (up to float summation order;
+with ``posterior="sample"`` the noise is drawn per process, so only the default ``"mode"`` is exact), and a
+checkpoint resumes with another count. ``precision="bf16"`` runs the encoder and decoder under bf16
+autocast (weights, optimizer and loss stay float32).
+
 The defaults are the demo VAE's recipe (benchmarks/NOTES.md, 2026-12-03 fourth session): 13-frame crops (so
 groups after the first are trained reading a cached group, as when a long video is encoded), MSE on the
 posterior mean, cosine schedule, 6,000 steps of 2 crops at lr 1e-3: 24.6 dB on held-out tours, 48 min on 1 core.
@@ -53,7 +62,9 @@ class VAETrainConfig:
     posterior: decode a ``"sample"`` of q(z|x) or its ``"mode"`` (the mean, which is what the DiT's latents
     are); lr_schedule: ``"constant"`` after a 100-step warm-up, or ``"cosine"`` down to 10% of ``lr`` at
     ``steps``; checkpoint_every: steps between resumable checkpoints (``0``: none); resume: continue from
-    ``OUT/checkpoint/`` (an error when the run's settings differ from the checkpoint's)."""
+    ``OUT/checkpoint/`` (an error when the run's settings differ from the checkpoint's); precision:
+    ``"fp32"`` or ``"bf16"`` (autocast around the encoder and decoder). ``batch_size`` is the global batch:
+    with several processes each takes ``batch_size / processes`` crops of it."""
 
     data: str
     out: str
@@ -78,6 +89,7 @@ class VAETrainConfig:
     lr_schedule: str = "cosine"
     checkpoint_every: int = 500
     resume: bool = False
+    precision: str = "fp32"
 
 
 #: Settings that may change when a run is resumed (how long, how fast, how often to report or save).
@@ -144,12 +156,50 @@ def _check(config: VAETrainConfig) -> None:
     for name, allowed in VAE_TRAIN_CHOICES.items():
         if getattr(config, name) not in allowed:
             raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(config, name)!r}")
+    if config.batch_size < 1 or config.batch_size % _world()[1]:
+        raise ValueError(f"batch_size must be a positive multiple of the {_world()[1]} processes, "
+                         f"got {config.batch_size}")
     if config.steps < 1 or config.checkpoint_every < 0:
         raise ValueError(f"steps must be >= 1 and checkpoint_every >= 0, got {config.steps}, {config.checkpoint_every}")
     clip_frames = _clip_config(config).num_frames
     if clip_frames < config.crop_frames:
         raise ValueError(f"the clips hold {clip_frames} frames, fewer than crop_frames={config.crop_frames}; "
                          "raise chunks_per_clip or lower crop_frames")
+
+
+def _world() -> tuple[int, int]:
+    """(this process's rank, the process count) from the launcher's environment (torchrun: ``RANK``,
+    ``WORLD_SIZE``); (0, 1) in a plain run."""
+    import os
+
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _join_processes(device: str) -> None:
+    """Join the launcher's process group (gloo on CPU) once, through accelerate."""
+    if _world()[1] > 1 and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        from accelerate import PartialState
+
+        PartialState(cpu=torch.device(device).type == "cpu")
+
+
+def _average_gradients(params: list[torch.nn.Parameter], world: int) -> None:
+    """Every process's gradients replaced by their mean over the processes (one flat all-reduce)."""
+    if world == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch.distributed.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[offset : offset + g.numel()].view_as(p).clone()
+        offset += g.numel()
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        torch.distributed.barrier()
 
 
 def _save_checkpoint(
@@ -184,7 +234,8 @@ def _load_checkpoint(folder: Path, config: VAETrainConfig, device: str):
     except (OSError, ValueError, KeyError) as exc:
         raise ValueError(f"cannot resume: {folder} is not a readable VAE training checkpoint ({exc})") from None
     mine = asdict(config)
-    differ = sorted(k for k in mine if k not in _RESUMABLE and saved.get(k) != mine[k])
+    defaults = asdict(VAETrainConfig(data="", out=""))  # settings a checkpoint predates were their defaults
+    differ = sorted(k for k in mine if k not in _RESUMABLE and saved.get(k, defaults[k]) != mine[k])
     if differ:
         raise ValueError(
             "cannot resume: the run's settings differ from the checkpoint's: "
@@ -197,6 +248,8 @@ def _load_checkpoint(folder: Path, config: VAETrainConfig, device: str):
 
 def train_vae(config: VAETrainConfig, device: str = "cpu") -> Path:
     """Train, measure latent statistics, save. Returns the output folder."""
+    _join_processes(device)
+    rank, world = _world()
     _check(config)
     out = Path(config.out)
     ckpt_dir = out / "checkpoint"
@@ -237,42 +290,69 @@ def train_vae(config: VAETrainConfig, device: str = "cpu") -> Path:
         sched.load_state_dict(sched_state)
         restore_rng(ckpt_dir / "rng.safetensors", g)
     rec_error = (lambda r, x: (r - x).abs().mean()) if config.loss == "l1" else (lambda r, x: (r - x).square().mean())
-    bar = tqdm(range(start, config.steps), desc="vae", unit="step", initial=start, total=config.steps)
+    autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
+    local = config.batch_size // world
+    if world > 1:
+        logger.info("process %d of %d: %d of every %d crops", rank, world, local, config.batch_size)
+    bar = tqdm(range(start, config.steps), desc="vae", unit="step", initial=start, total=config.steps,
+               disable=rank > 0)
     t0 = time.perf_counter()
     for step in bar:
-        x = _batch(clips, config.batch_size, config.crop_frames, g, config.crop_size).to(device)
+        # every process draws the global batch from the same generator and keeps its own slice
+        x = _batch(clips, config.batch_size, config.crop_frames, g, config.crop_size)[rank * local : (rank + 1) * local]
+        x = x.to(device)  # (local, 3, crop_frames, crop, crop)
         if config.decoder_only:
-            with torch.no_grad():
+            with torch.no_grad(), autocast:
                 posterior = model.encode(x).latent_dist
-            rec = model.decode(posterior.mode()).sample  # the DiT's latents are posterior means
-            err = rec_error(rec, x)
+            with autocast:
+                rec = model.decode(posterior.mode()).sample  # the DiT's latents are posterior means
+            err = rec_error(rec.float(), x)
             kl = torch.zeros(())
             loss = err
         else:
-            posterior = model.encode(x).latent_dist
-            z = posterior.mode() if config.posterior == "mode" else posterior.sample(generator=g)
-            rec = model.decode(z).sample
-            err = rec_error(rec, x)
-            kl = posterior.kl().mean() / x[0].numel()
+            with autocast:
+                posterior = model.encode(x).latent_dist
+                z = posterior.mode() if config.posterior == "mode" else posterior.sample(generator=g)
+                rec = model.decode(z).sample
+            err = rec_error(rec.float(), x)
+            kl = posterior.kl().float().mean() / x[0].numel()
             loss = err + config.kl_weight * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        _average_gradients(params, world)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         if step % config.log_every == 0 or step == config.steps - 1:
+            if world > 1:  # report the global batch's error, not the first process's share
+                err = err.detach().clone()
+                torch.distributed.all_reduce(err)
+                err /= world
+        if rank == 0 and (step % config.log_every == 0 or step == config.steps - 1):
             bar.set_postfix({config.loss: f"{err.item():.4f}", "kl": f"{kl.item():.3g}"})
             logger.info("vae step %d %s %.4f kl %.4g lr %.3g (%.1f s)", step, config.loss, err.item(), kl.item(),
                         sched.get_last_lr()[0], time.perf_counter() - t0)
         done = step + 1
         if config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.steps:
-            _save_checkpoint(ckpt_dir, done, config, model, opt, sched, g)
+            if rank == 0:
+                _save_checkpoint(ckpt_dir, done, config, model, opt, sched, g)
+            _barrier(world)
     model.eval().requires_grad_(False)
-    if config.decoder_only:  # the encoder and its latent statistics are unchanged
-        VideoVAE(model.cpu()).save_pretrained(out)
+    if rank == 0:  # the first process measures the statistics and saves; the others wait for it
+        _save_vae(model, clips, config, device)
         shutil.rmtree(ckpt_dir, ignore_errors=True)
+    _barrier(world)
+    return out
+
+
+def _save_vae(model, clips: torch.Tensor, config: VAETrainConfig, device: str) -> None:
+    """Save the trained VAE to ``config.out``, with the latent statistics measured on the data (a decoder-only
+    run keeps the init's: its encoder is unchanged)."""
+    out = Path(config.out)
+    if config.decoder_only:
+        VideoVAE(model.cpu()).save_pretrained(out)
         logger.info("saved VAE (decoder fine-tuned) to %s", out)
-        return out
+        return
     # Latent statistics over the data (posterior means of whole clips)
     with torch.no_grad():
         zs = []
@@ -284,6 +364,4 @@ def train_vae(config: VAETrainConfig, device: str = "cpu") -> Path:
         mean, std = z.mean(dim=1), z.std(dim=1).clamp_min(1e-3)
     model.register_to_config(latents_mean=mean.tolist(), latents_std=std.tolist())
     VideoVAE(model.cpu()).save_pretrained(out)
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
     logger.info("saved VAE to %s (latent mean %s, std %s)", out, mean.numpy().round(3), std.numpy().round(3))
-    return out

@@ -172,3 +172,79 @@ def test_train_vae_cli_defaults_are_the_config_defaults():
     actions = {a.dest: a for a in build_parser()._subparsers._group_actions[0].choices["train-vae"]._actions}
     for name, choices in VAE_TRAIN_CHOICES.items():
         assert tuple(actions[name].choices) == choices, name
+
+
+def _train_vae_processes(processes: int, *args: str) -> None:
+    """``egolcd train-vae ARGS`` in ``processes`` gloo processes (torchrun, as the README's command)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_addr",
+           "127.0.0.1", "--master_port", str(port), "-m", "egolcd", "train-vae", *args]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is missing")
+def test_two_processes_take_the_steps_of_one_and_resume_a_one_process_checkpoint(tmp_path, monkeypatch):
+    """Two processes split every global batch of 2 crops: a run cut off after its step-3 checkpoint in one
+    process and finished in two ends with (up to float summation order) the weights of an uninterrupted
+    one-process run, and with its latent statistics."""
+    data = make_dataset(tmp_path / "data", n=2)
+
+    def config(out, **kw):
+        return VAETrainConfig(data=str(data), out=str(out), preset="tiny", steps=6, batch_size=2, lr=2e-3,
+                              log_every=100, chunks_per_clip=2, checkpoint_every=3, crop_frames=5, **kw)
+
+    whole = VideoVAE.from_pretrained(train_vae(config(tmp_path / "whole")))
+    _train_cut_off(monkeypatch, config(tmp_path / "cut"))
+    _train_vae_processes(2, str(data), "--out", str(tmp_path / "cut"), "--preset", "tiny", "--steps", "6",
+                         "--batch-size", "2", "--lr", "2e-3", "--chunks-per-clip", "2", "--checkpoint-every", "3",
+                         "--crop-frames", "5", "--threads", "1", "--resume")
+    assert not (tmp_path / "cut" / "checkpoint").exists()
+    resumed = VideoVAE.from_pretrained(tmp_path / "cut")
+    a, b = whole.model.state_dict(), resumed.model.state_dict()
+    moved = 0
+    for key in a:
+        assert torch.allclose(a[key], b[key], rtol=1e-4, atol=1e-5), key
+        moved += not torch.equal(a[key], b[key])
+    assert moved, "two processes gave bit-identical weights: the gradients were not computed in halves"
+    assert resumed.model.config.latents_std == pytest.approx(whole.model.config.latents_std, rel=1e-3)
+    # a global batch the processes cannot split is one clear error
+    with pytest.raises(AssertionError, match="batch_size must be a positive multiple of the 2 processes"):
+        _train_vae_processes(2, str(data), "--out", str(tmp_path / "odd"), "--preset", "tiny", "--batch-size", "3")
+    assert not (tmp_path / "odd").exists()
+
+
+def test_bf16_autocast_trains_and_is_part_of_the_checkpoint(tmp_path, monkeypatch):
+    """``precision="bf16"``: the encoder and decoder run in bf16 (the saved weights stay float32), the
+    reconstruction improves, and a bf16 checkpoint refuses to resume in fp32."""
+    data = make_dataset(tmp_path / "data", n=2)
+
+    def config(out, **kw):
+        return VAETrainConfig(data=str(data), out=str(out), preset="tiny", steps=40, batch_size=1, lr=2e-3,
+                              log_every=100, chunks_per_clip=2, checkpoint_every=3, crop_size=32, **kw)
+
+    clips = _load_clips(config(tmp_path / "x"))
+    x = _batch(clips, 2, 5, torch.Generator().manual_seed(1))
+    from egolcd.config import PRESETS
+    from egolcd.vae import embedded_vae_config
+
+    before = VideoVAE.from_config_dict(embedded_vae_config(PRESETS["tiny"]), seed=0)
+    err_before = (before.decode(before.encode(x)) - x).abs().mean().item()
+    fp32 = VideoVAE.from_pretrained(train_vae(config(tmp_path / "fp32")))
+    bf16 = VideoVAE.from_pretrained(train_vae(config(tmp_path / "bf16", precision="bf16")))
+    assert all(p.dtype == torch.float32 for p in bf16.model.parameters())
+    err = {n: (v.decode(v.encode(x)) - x).abs().mean().item() for n, v in (("fp32", fp32), ("bf16", bf16))}
+    assert err["bf16"] < 0.9 * err_before, (err_before, err)
+    assert abs(err["bf16"] - err["fp32"]) < 0.1 * err["fp32"], err  # as good as fp32 at equal steps
+    assert any(not torch.equal(p, q) for p, q in zip(fp32.model.parameters(), bf16.model.parameters()))
+    _train_cut_off(monkeypatch, config(tmp_path / "cut", precision="bf16"), at_batch=4)
+    with pytest.raises(ValueError, match="precision 'bf16' -> 'fp32'"):
+        train_vae(config(tmp_path / "cut", resume=True))
