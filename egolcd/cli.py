@@ -196,7 +196,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from .training import train_main
 
-    out = train_main(args.config, resume=args.resume)
+    out = train_main(args.config, resume=args.resume, overrides=args.set or ())
     sys.stdout.write(f"{out}\n")
     return 0
 
@@ -415,6 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train/fine-tune with accelerate (`accelerate launch -m egolcd train` for many GPUs)")
     p.add_argument("config", help="training config YAML (see configs/train/)")
     p.add_argument("--resume", help="'latest' or a checkpoint directory")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config setting (dotted keys for nested ones, values as YAML), e.g. "
+                   "--set grad_accum=2 --set optimizer.lr=5e-4; repeatable")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("export", help="write a model directory from a training checkpoint")

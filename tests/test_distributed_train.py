@@ -122,7 +122,9 @@ def test_two_processes_match_one_process_with_the_same_global_batch(data, tmp_pa
     # micro-batch's noise comes from (seed, step, place in the global batch), not from the process
     # (egolcd/training/trainer.py); LoRA dropout is 0 (dropout draws from each process's own RNG)
     _train(_config(tmp_path / "two.yaml", tmp_path / "two", data), 2)
-    _train(_config(tmp_path / "one.yaml", tmp_path / "one", data, grad_accum=2), 1)
+    # (the one-process run's grad_accum given on the command line, as the demo recipe does)
+    _train(_config(tmp_path / "one.yaml", tmp_path / "one", data), 1, "--set", "grad_accum=2")
+    assert yaml.safe_load((tmp_path / "one" / "config.yaml").read_text())["grad_accum"] == 2
     two, one = _steps(tmp_path / "two"), _steps(tmp_path / "one")
     assert [m["loss"] for m in two] == pytest.approx([m["loss"] for m in one], rel=1e-5)
     a = load_file(str(tmp_path / "two" / "checkpoint-000002" / "trainable.safetensors"))

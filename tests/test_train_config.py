@@ -41,3 +41,22 @@ def test_yaml_1_1_exponents_without_a_dot_are_numbers(tmp_path):
     assert cfg.optimizer.lr == 1e-4 and cfg.optimizer.betas == (0.9, 0.99)
     assert cfg.memory.keep_ratio == 0.5 and cfg.loss.memory_weight == 0.2
     assert type(cfg.max_steps) is int and type(cfg.lora.alpha) is float
+
+
+def test_set_overrides_reach_nested_keys_and_are_validated(tmp_path):
+    """``egolcd train C.yaml --set KEY=VALUE``: values read as YAML, dotted keys into mappings, the same one-line
+    errors as the file's own keys; the file itself is not changed."""
+    path = tmp_path / "train.yaml"
+    path.write_text("output_dir: run\ngrad_accum: 4\noptimizer: {lr: 1.0e-3}\n")
+    cfg = load_train_config(path, ["grad_accum=2", "optimizer.lr=5e-4", "ema.enabled=false", "memory.top_m=2"])
+    assert (cfg.grad_accum, cfg.optimizer.lr, cfg.ema.enabled, cfg.memory.top_m) == (2, 5e-4, False, 2)
+    assert load_train_config(path).grad_accum == 4
+    for bad, message in [
+        ("grad_acum=2", "unknown key 'grad_acum' (did you mean 'grad_accum'?)"),
+        ("grad_accum", "--set takes KEY=VALUE (dotted keys for nested settings), got 'grad_accum'"),
+        ("grad_accum.x=1", "--set grad_accum.x: grad_accum is not a mapping"),
+        ("grad_accum=two", "'grad_accum' must be int, got str"),
+    ]:
+        with pytest.raises(ValueError) as err:
+            load_train_config(path, [bad])
+        assert str(err.value) == f"train config: {message}", bad

@@ -14,6 +14,7 @@ import random
 import re
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -395,8 +396,34 @@ def train_config_from_dict(data: dict[str, Any]) -> TrainConfig:
     return _validate(data)
 
 
-def load_train_config(path: str | os.PathLike[str]) -> TrainConfig:
-    """Read and validate a training YAML (see ``configs/train/``)."""
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """``data`` with ``KEY=VALUE`` settings (``egolcd train --set``) written in: a dotted key reaches into
+    mappings (``optimizer.lr=5e-4``), a value is read as YAML (``grad_accum=2``, ``ema.enabled=false``).
+    Unknown keys are left to the validation, which names them."""
+    data = json.loads(json.dumps(data, default=str))
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or not all(parts):
+            raise _bad(f"--set takes KEY=VALUE (dotted keys for nested settings), got {item!r}")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise _bad(f"--set {key}: cannot read {text!r} as a value") from None
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise _bad(f"--set {key}: {'.'.join(parts[: i + 1])} is not a mapping")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def load_train_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> TrainConfig:
+    """Read and validate a training YAML (see ``configs/train/``), with ``KEY=VALUE`` overrides applied."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"train config not found: {path}")
@@ -405,4 +432,7 @@ def load_train_config(path: str | os.PathLike[str]) -> TrainConfig:
     except yaml.YAMLError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise _bad(f"cannot parse {path}: {first}") from None
-    return train_config_from_dict(data if data is not None else {})
+    data = data if data is not None else {}
+    if not isinstance(data, dict):
+        return train_config_from_dict(data)  # its error names the wrong type
+    return train_config_from_dict(apply_overrides(data, overrides) if overrides else data)

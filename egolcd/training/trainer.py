@@ -10,7 +10,7 @@ import random
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -415,6 +415,8 @@ def train(
     return Trainer(cfg, dataset=dataset, resume=resume, callback=callback).run()
 
 
-def train_main(config_path: str | os.PathLike[str], resume: str | None = None) -> Path:
-    """``egolcd train CONFIG.yaml [--resume latest|CKPT]``: returns the output directory."""
-    return train(load_train_config(config_path), resume=resume).output_dir
+def train_main(
+    config_path: str | os.PathLike[str], resume: str | None = None, overrides: Sequence[str] = ()
+) -> Path:
+    """``egolcd train CONFIG.yaml [--resume latest|CKPT] [--set KEY=VALUE ...]``: returns the output directory."""
+    return train(load_train_config(config_path, overrides), resume=resume).output_dir
