@@ -64,14 +64,14 @@ def footage_option(args: argparse.Namespace, narrative, output: Path) -> tuple[s
     path = Path(footage[0]).expanduser()
     if path.exists() and output.exists() and os.path.samefile(path, output) or path.resolve() == output.resolve():
         raise ValueError(f"--from-{footage[1]} and the output (-o) are the same file ({path}): it would be overwritten")
-    from .footage import check_footage
+    from .footage import check_footage_path
 
-    if not path.is_file():  # a folder, a missing file: one line now (the size checks come with the model)
-        check_footage(path, footage[1], 64, 64)
+    check_footage_path(path, footage[1])  # a folder, a missing file: one line now (its size comes with the model)
     return footage
 
 
 def check_output(path: Path) -> None:
+    """The output video's folder is writable and its name ends in ``.mp4`` (before any work; one line)."""
     from .video_io import check_writable_dir
 
     check_writable_dir(path.resolve().parent)

@@ -33,6 +33,7 @@ __all__ = [
     "MAX_ASPECT_FACTOR",
     "FootageInfo",
     "check_footage",
+    "check_footage_path",
     "crop_box",
     "footage_chunks",
     "footage_frames",
@@ -75,7 +76,9 @@ def crop_box(src_width: int, src_height: int, width: int, height: int) -> tuple[
     return (src_width - cw) // 2, (src_height - ch) // 2, cw, ch
 
 
-def _image_path_problem(path: Path, what: str) -> None:
+def check_footage_path(path: Path, what: str) -> None:
+    """One line (FileNotFoundError, IsADirectoryError, ValueError) when ``path`` is not a regular file; the
+    check that needs no model (its size) and reads nothing."""
     if not path.exists():
         raise FileNotFoundError(f"cannot read {what} {path}: file not found")
     if path.is_dir():
@@ -97,7 +100,7 @@ def check_footage(path: str | os.PathLike[str], kind: str, width: int, height: i
     if kind not in FOOTAGE_KINDS:
         raise ValueError(f"footage kind must be one of {FOOTAGE_KINDS}, got {kind!r}")
     p = Path(path).expanduser()
-    _image_path_problem(p, kind)
+    check_footage_path(p, kind)
     if kind == "image":
         from PIL import Image, UnidentifiedImageError
 

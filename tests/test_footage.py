@@ -193,13 +193,15 @@ def _bad_footage(tmp_path: Path, case: str) -> Path:
         path = tmp_path / "strip.mp4"
         with VideoWriter(path, fps=8, width=512, height=32) as w:
             w.write(np.zeros((3, 32, 512, 3), dtype=np.uint8))
+    elif case == "missing":
+        path = tmp_path / "no-such-clip.mp4"
     else:
         path = tmp_path / "a-folder.mp4"
         path.mkdir()
     return path
 
 
-@pytest.mark.parametrize("case", ["corrupt", "zero-frames", "aspect", "folder"])
+@pytest.mark.parametrize("case", ["corrupt", "zero-frames", "aspect", "folder", "missing"])
 def test_bad_footage_is_one_line_and_output_untouched(case, tmp_path, capsys):
     model = tmp_path / "model"
     assert main(["create-model", str(model), "--preset", "tiny"]) == 0
