@@ -8,7 +8,10 @@
 # rerun; an interrupted one runs again, the trainings from their last checkpoint, so after an interruption the same
 # command resumes. The finished model is WORKDIR/models/demo (use it with `egolcd generate --model models/demo`);
 # the embedded model in egolcd/assets/demo is never touched. Each step's wall time is appended to
-# WORKDIR/recipe-times.tsv. Both cores are used throughout (THREADS, default 2). The commands are those of
+# WORKDIR/recipe-times.tsv. Both cores are used throughout (THREADS, default 2): the data and the latents as
+# threads or workers, the DiT stages as PROCESSES (default 2) one-thread processes, each with grad_accum
+# 4 / PROCESSES, so every step still takes 4 clips (the same steps as one process; the small DiT does not get
+# faster with threads, two processes train it about 1.75x faster). The commands are those of
 # egolcd/assets/demo/README.md.
 set -euo pipefail
 
@@ -16,7 +19,10 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 mkdir -p "${1:-$REPO}"
 WORKDIR="$(cd "${1:-$REPO}" && pwd)"
 THREADS="${THREADS:-2}"
+PROCESSES="${PROCESSES:-2}"
+case "$PROCESSES" in 1|2|4) ;; *) echo "PROCESSES must be 1, 2 or 4 (4 clips a step), got $PROCESSES" >&2; exit 2 ;; esac
 if [[ -x "$REPO/.venv/bin/egolcd" ]]; then EGOLCD="${EGOLCD:-$REPO/.venv/bin/egolcd}"; else EGOLCD="${EGOLCD:-egolcd}"; fi
+if [[ -x "$REPO/.venv/bin/python" ]]; then PYTHON="${PYTHON:-$REPO/.venv/bin/python}"; else PYTHON="${PYTHON:-python3}"; fi
 cd "$WORKDIR"
 export OMP_NUM_THREADS="$THREADS"
 TIMES="$WORKDIR/recipe-times.tsv"
@@ -38,6 +44,16 @@ step() {  # step NAME COMMAND...: run COMMAND unless step NAME finished before; 
     touch "$DONE/$name"
 }
 
+processes() {  # processes EGOLCD train CONFIG ...: the training on PROCESSES one-thread processes (gloo), 4 clips a step
+    if [[ "$PROCESSES" == 1 ]]; then
+        "$@"
+    else
+        shift
+        ACCELERATE_USE_CPU=1 OMP_NUM_THREADS=1 "$PYTHON" -m torch.distributed.run --standalone \
+            --nproc_per_node "$PROCESSES" -m egolcd "$@" --set grad_accum=$((4 / PROCESSES))
+    fi
+}
+
 fresh() {  # fresh DIR COMMAND...: remove what an interrupted run left in DIR, then run COMMAND
     rm -rf "$1"
     shift
@@ -56,13 +72,13 @@ step init fresh models/demo-init-v2 \
 step latents \
     "$EGOLCD" prepare-latents data/maze40a --out data/latents/demo-v2 --model models/demo-init-v2 --preset demo \
     --chunks-per-clip 26
-step stage1 \
+step stage1 processes \
     "$EGOLCD" train "$REPO/configs/train/demo-v2-stage1.yaml" --resume latest
 step export1 fresh models/demo-v2-stage1 \
     "$EGOLCD" export runs/demo-v2-stage1 models/demo-v2-stage1
 step poshead fresh models/demo-v2-poshead-init \
     "$EGOLCD" create-model models/demo-v2-poshead-init --init-from models/demo-v2-stage1 --position-heads 2
-step stage2 \
+step stage2 processes \
     "$EGOLCD" train "$REPO/configs/train/demo-v2-stage2.yaml" --resume latest
 step export2 fresh models/demo \
     "$EGOLCD" export runs/demo-v2-stage2 models/demo --memory-guidance 2

@@ -30,6 +30,8 @@ def _steps() -> list[tuple[str, str | None, list[str]]]:
         fresh = None
         if rest[0] == "fresh":
             fresh, rest = rest[1], rest[2:]
+        if rest[0] == "processes":  # the trainings, on PROCESSES processes (the argv is the one-process command)
+            rest = rest[1:]
         assert rest[0] == "$EGOLCD", line
         steps.append((name, fresh, rest[1:]))
     return steps
@@ -88,7 +90,7 @@ def test_rerun_skips_finished_steps_and_retries_the_interrupted_one(tmp_path):
     )
     fake.chmod(0o755)
     work = tmp_path / "work"
-    env = {"PATH": "/usr/bin:/bin", "EGOLCD": str(fake), "THREADS": "1"}
+    env = {"PATH": "/usr/bin:/bin", "EGOLCD": str(fake), "THREADS": "1", "PROCESSES": "1"}
     first = subprocess.run(["bash", str(SCRIPT), str(work)], env=env, capture_output=True, text=True)
     assert first.returncode == 3
     assert calls.read_text().split() == ["prepare-data", "train-vae", "create-model", "prepare-latents", "train"]
@@ -107,3 +109,28 @@ def test_rerun_skips_finished_steps_and_retries_the_interrupted_one(tmp_path):
     calls.unlink()
     third = subprocess.run(["bash", str(SCRIPT), str(work)], env=env, capture_output=True, text=True)
     assert third.returncode == 0 and not calls.exists()
+
+
+def test_trainings_run_on_two_processes_with_the_same_clips_per_step(tmp_path):
+    """By default the DiT stages start two gloo processes (torchrun) with grad_accum halved, so a step still
+    takes the configs' 4 clips; the other steps stay single commands. PROCESSES=3 is refused."""
+    calls = tmp_path / "calls.txt"
+    for name in ("fake-egolcd", "fake-python"):
+        fake = tmp_path / name
+        fake.write_text(f'#!/usr/bin/env bash\necho "{name} $*" >> "{calls}"\n')
+        fake.chmod(0o755)
+    env = {"PATH": "/usr/bin:/bin", "EGOLCD": str(tmp_path / "fake-egolcd"), "PYTHON": str(tmp_path / "fake-python"),
+           "THREADS": "2"}
+    run = subprocess.run(["bash", str(SCRIPT), str(tmp_path / "work")], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    lines = calls.read_text().splitlines()
+    trainings = [line for line in lines if " train " in f"{line} "]
+    assert len(trainings) == 2 and all(line.startswith("fake-python -m torch.distributed.run --standalone "
+                                                       "--nproc_per_node 2 -m egolcd train ") for line in trainings)
+    assert all(line.endswith("--resume latest --set grad_accum=2") for line in trainings)
+    for stage in ("stage1", "stage2"):
+        assert yaml.safe_load((REPO / "configs" / "train" / f"demo-v2-{stage}.yaml").read_text())["grad_accum"] == 4
+    assert sum(line.startswith("fake-egolcd ") for line in lines) == 7
+    bad = subprocess.run(["bash", str(SCRIPT), str(tmp_path / "bad")], env={**env, "PROCESSES": "3"},
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "PROCESSES must be 1, 2 or 4" in bad.stderr
