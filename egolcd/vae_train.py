@@ -323,12 +323,12 @@ def train_vae(config: VAETrainConfig, device: str = "cpu") -> Path:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        if step % config.log_every == 0 or step == config.steps - 1:
-            if world > 1:  # report the global batch's error, not the first process's share
-                err = err.detach().clone()
-                torch.distributed.all_reduce(err)
-                err /= world
-        if rank == 0 and (step % config.log_every == 0 or step == config.steps - 1):
+        report = step % config.log_every == 0 or step == config.steps - 1
+        if report and world > 1:  # report the global batch's error, not the first process's share
+            err = err.detach().clone()
+            torch.distributed.all_reduce(err)
+            err /= world
+        if report and rank == 0:
             bar.set_postfix({config.loss: f"{err.item():.4f}", "kl": f"{kl.item():.3g}"})
             logger.info("vae step %d %s %.4f kl %.4g lr %.3g (%.1f s)", step, config.loss, err.item(), kl.item(),
                         sched.get_last_lr()[0], time.perf_counter() - t0)
