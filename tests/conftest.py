@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -42,3 +47,29 @@ def encoded_frames(monkeypatch):
             return np.concatenate(written[name])
 
     return Frames()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def egolcd_processes():
+    """``egolcd ARGS`` as the README launches it: one plain process, or ``processes`` gloo processes under
+    torchrun (``ACCELERATE_USE_CPU=1``, one thread each). Fails the test, with the end of stderr, on a non-zero
+    exit; returns the finished process."""
+
+    def run(processes: int, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+        env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+        if processes == 1:
+            cmd = [sys.executable, "-m", "egolcd", *args]
+        else:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+                   "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "egolcd", *args]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc
+
+    return run

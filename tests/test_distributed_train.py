@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -72,25 +71,6 @@ def _config(path: Path, out: Path, data: Path, **overrides) -> Path:
     return path
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _train(config: Path, processes: int, *extra: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    if processes == 1:
-        cmd = [sys.executable, "-m", "egolcd", "train", str(config), *extra]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-               "-m", "egolcd", "train", str(config), *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
-
-
 def _steps(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
 
@@ -100,30 +80,30 @@ def data(tmp_path_factory):
     return _latent_cache(tmp_path_factory.mktemp("dist") / "latents")
 
 
-def test_two_processes_train_resume_and_change_the_process_count(data, tmp_path):
+def test_two_processes_train_resume_and_change_the_process_count(data, tmp_path, egolcd_processes):
     out = tmp_path / "run"
-    _train(_config(tmp_path / "a.yaml", out, data), 2)
+    egolcd_processes(2, "train", str(_config(tmp_path / "a.yaml", out, data)))
     state = json.loads((out / "checkpoint-000002" / "trainer_state.json").read_text())
     assert state["num_processes"] == 2 and state["step"] == 2
     assert {p.name for p in (out / "checkpoint-000002").glob("rng-*")} == {"rng-00000.safetensors", "rng-00001.safetensors"}
     # --resume latest from a two-process checkpoint, with two processes
-    _train(_config(tmp_path / "b.yaml", out, data, max_steps=3), 2, "--resume", "latest")
+    egolcd_processes(2, "train", str(_config(tmp_path / "b.yaml", out, data, max_steps=3)), "--resume", "latest")
     assert [m["step"] for m in _steps(out)] == [1, 2, 3]
     # the process count changes on resume: documented behaviour is a warning (the RNG streams restart,
     # the data position is mapped onto the new count), then training goes on
-    proc = _train(_config(tmp_path / "c.yaml", out, data, max_steps=4), 1, "--resume", "latest")
+    proc = egolcd_processes(1, "train", str(_config(tmp_path / "c.yaml", out, data, max_steps=4)), "--resume", "latest")
     assert "process count changed" in proc.stderr
     assert [m["step"] for m in _steps(out)] == [1, 2, 3, 4]
     assert json.loads((out / "checkpoint-000004" / "trainer_state.json").read_text())["num_processes"] == 1
 
 
-def test_two_processes_match_one_process_with_the_same_global_batch(data, tmp_path):
+def test_two_processes_match_one_process_with_the_same_global_batch(data, tmp_path, egolcd_processes):
     # the same global batch of 2 clips: 2 processes x batch 1, or 1 process x batch 1 x grad_accum 2. Each
     # micro-batch's noise comes from (seed, step, place in the global batch), not from the process
     # (egolcd/training/trainer.py); LoRA dropout is 0 (dropout draws from each process's own RNG)
-    _train(_config(tmp_path / "two.yaml", tmp_path / "two", data), 2)
+    egolcd_processes(2, "train", str(_config(tmp_path / "two.yaml", tmp_path / "two", data)))
     # (the one-process run's grad_accum given on the command line, as the demo recipe does)
-    _train(_config(tmp_path / "one.yaml", tmp_path / "one", data), 1, "--set", "grad_accum=2")
+    egolcd_processes(1, "train", str(_config(tmp_path / "one.yaml", tmp_path / "one", data)), "--set", "grad_accum=2")
     assert yaml.safe_load((tmp_path / "one" / "config.yaml").read_text())["grad_accum"] == 2
     two, one = _steps(tmp_path / "two"), _steps(tmp_path / "one")
     assert [m["loss"] for m in two] == pytest.approx([m["loss"] for m in one], rel=1e-5)
@@ -132,17 +112,17 @@ def test_two_processes_match_one_process_with_the_same_global_batch(data, tmp_pa
     assert a.keys() == b.keys() and all(torch.allclose(a[n], b[n], rtol=1e-5, atol=1e-6) for n in a)
 
 
-def test_resume_latest_past_a_truncated_checkpoint_and_a_cut_metrics_log(data, tmp_path):
+def test_resume_latest_past_a_truncated_checkpoint_and_a_cut_metrics_log(data, tmp_path, egolcd_processes):
     """Items 3, 4 and 13 as a user meets them: a full disk cut the last metrics line and the latest
     checkpoint's optimizer file; ``--resume latest`` warns, naming the file, and goes on from the previous one."""
     out = tmp_path / "run"
-    _train(_config(tmp_path / "a.yaml", out, data), 1)
+    egolcd_processes(1, "train", str(_config(tmp_path / "a.yaml", out, data)))
     optim = out / "checkpoint-000002" / "optimizer.safetensors"
     optim.write_bytes(optim.read_bytes()[:-64])
     log = out / "logs" / "metrics.jsonl"
     text = log.read_text()
     log.write_text(text[: len(text) - 20])  # ends mid-line
-    proc = _train(_config(tmp_path / "b.yaml", out, data, max_steps=3), 1, "--resume", "latest")
+    proc = egolcd_processes(1, "train", str(_config(tmp_path / "b.yaml", out, data, max_steps=3)), "--resume", "latest")
     assert "optimizer.safetensors" in proc.stderr and "checkpoint-000002" in proc.stderr
     assert [m["step"] for m in _steps(out)] == [1, 2, 3]
     # a damaged trainer_state.json of the only checkpoint named: one line, exit 2

@@ -174,25 +174,9 @@ def test_train_vae_cli_defaults_are_the_config_defaults():
         assert tuple(actions[name].choices) == choices, name
 
 
-def _train_vae_processes(processes: int, *args: str) -> None:
-    """``egolcd train-vae ARGS`` in ``processes`` gloo processes (torchrun, as the README's command)."""
-    import os
-    import socket
-    import subprocess
-    import sys
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_addr",
-           "127.0.0.1", "--master_port", str(port), "-m", "egolcd", "train-vae", *args]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-
-
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is missing")
-def test_two_processes_take_the_steps_of_one_and_resume_a_one_process_checkpoint(tmp_path, monkeypatch):
+def test_two_processes_take_the_steps_of_one_and_resume_a_one_process_checkpoint(tmp_path, monkeypatch,
+                                                                                  egolcd_processes):
     """Two processes split every global batch of 2 crops: a run cut off after its step-3 checkpoint in one
     process and finished in two ends with (up to float summation order) the weights of an uninterrupted
     one-process run, and with its latent statistics."""
@@ -204,9 +188,9 @@ def test_two_processes_take_the_steps_of_one_and_resume_a_one_process_checkpoint
 
     whole = VideoVAE.from_pretrained(train_vae(config(tmp_path / "whole")))
     _train_cut_off(monkeypatch, config(tmp_path / "cut"))
-    _train_vae_processes(2, str(data), "--out", str(tmp_path / "cut"), "--preset", "tiny", "--steps", "6",
-                         "--batch-size", "2", "--lr", "2e-3", "--chunks-per-clip", "2", "--checkpoint-every", "3",
-                         "--crop-frames", "5", "--threads", "1", "--resume")
+    egolcd_processes(2, "train-vae", str(data), "--out", str(tmp_path / "cut"), "--preset", "tiny", "--steps", "6",
+                     "--batch-size", "2", "--lr", "2e-3", "--chunks-per-clip", "2", "--checkpoint-every", "3",
+                     "--crop-frames", "5", "--threads", "1", "--resume")
     assert not (tmp_path / "cut" / "checkpoint").exists()
     resumed = VideoVAE.from_pretrained(tmp_path / "cut")
     a, b = whole.model.state_dict(), resumed.model.state_dict()
@@ -218,7 +202,8 @@ def test_two_processes_take_the_steps_of_one_and_resume_a_one_process_checkpoint
     assert resumed.model.config.latents_std == pytest.approx(whole.model.config.latents_std, rel=1e-3)
     # a global batch the processes cannot split is one clear error
     with pytest.raises(AssertionError, match="batch_size must be a positive multiple of the 2 processes"):
-        _train_vae_processes(2, str(data), "--out", str(tmp_path / "odd"), "--preset", "tiny", "--batch-size", "3")
+        egolcd_processes(2, "train-vae", str(data), "--out", str(tmp_path / "odd"), "--preset", "tiny",
+                         "--batch-size", "3")
     assert not (tmp_path / "odd").exists()
 
 
