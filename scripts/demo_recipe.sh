@@ -9,9 +9,10 @@
 # command resumes. The finished model is WORKDIR/models/demo (use it with `egolcd generate --model models/demo`);
 # the embedded model in egolcd/assets/demo is never touched. Each step's wall time is appended to
 # WORKDIR/recipe-times.tsv. Both cores are used throughout (THREADS, default 2): the data and the latents as
-# threads or workers, the DiT stages as PROCESSES (default 2) one-thread processes, each with grad_accum
-# 4 / PROCESSES, so every step still takes 4 clips (the same steps as one process; the small DiT does not get
-# faster with threads, two processes train it about 1.75x faster). The commands are those of
+# threads or workers, the VAE and the DiT stages as PROCESSES (default 2) one-thread processes. The VAE's global
+# batch of 4 crops is split between them; the DiT stages run with grad_accum 4 / PROCESSES, so every step still
+# takes 4 clips. Either way these are the same steps as one process (the small models do not get faster with
+# threads; two processes train the DiT about 1.75x and the VAE 1.6x faster). The commands are those of
 # egolcd/assets/demo/README.md.
 set -euo pipefail
 
@@ -44,14 +45,18 @@ step() {  # step NAME COMMAND...: run COMMAND unless step NAME finished before; 
     touch "$DONE/$name"
 }
 
-processes() {  # processes EGOLCD train CONFIG ...: the training on PROCESSES one-thread processes (gloo), 4 clips a step
+processes() {  # processes EGOLCD train|train-vae ...: a training on PROCESSES one-thread processes (gloo)
     if [[ "$PROCESSES" == 1 ]]; then
         "$@"
-    else
-        shift
-        ACCELERATE_USE_CPU=1 OMP_NUM_THREADS=1 "$PYTHON" -m torch.distributed.run --standalone \
-            --nproc_per_node "$PROCESSES" -m egolcd "$@" --set grad_accum=$((4 / PROCESSES))
+        return
     fi
+    shift
+    local extra=(--threads 1)  # train-vae: its --batch-size is the global batch, split between the processes
+    if [[ "$1" == train ]]; then
+        extra=(--set grad_accum=$((4 / PROCESSES)))  # still the configs' 4 clips a step
+    fi
+    ACCELERATE_USE_CPU=1 OMP_NUM_THREADS=1 "$PYTHON" -m torch.distributed.run --standalone \
+        --nproc_per_node "$PROCESSES" -m egolcd "$@" "${extra[@]}"
 }
 
 fresh() {  # fresh DIR COMMAND...: remove what an interrupted run left in DIR, then run COMMAND
@@ -63,10 +68,10 @@ fresh() {  # fresh DIR COMMAND...: remove what an interrupted run left in DIR, t
 step data \
     "$EGOLCD" prepare-data memory-maze --out data/maze40a --episodes 48 --seconds 40 --seed 0 --size 64x64 --fps 8 \
     --workers "$THREADS"
-step vae \
-    "$EGOLCD" train-vae data/maze40a --out models/demo-vae --preset demo --batch-size 2 --lr 1e-3 --crop-size 32 \
+step vae processes \
+    "$EGOLCD" train-vae data/maze40a --out models/demo-vae --preset demo --batch-size 4 --lr 1e-3 --crop-size 32 \
     --crop-frames 13 --chunks-per-clip 26 --threads "$THREADS" --seed 0 --lr-schedule cosine --posterior mode \
-    --loss mse --steps 6000 --resume
+    --loss mse --steps 8000 --resume
 step init fresh models/demo-init-v2 \
     "$EGOLCD" create-model models/demo-init-v2 --preset demo --vae models/demo-vae --seed 0
 step latents \

@@ -113,7 +113,8 @@ def test_rerun_skips_finished_steps_and_retries_the_interrupted_one(tmp_path):
 
 def test_trainings_run_on_two_processes_with_the_same_clips_per_step(tmp_path):
     """By default the DiT stages start two gloo processes (torchrun) with grad_accum halved, so a step still
-    takes the configs' 4 clips; the other steps stay single commands. PROCESSES=3 is refused."""
+    takes the configs' 4 clips, and the VAE two one-thread processes that split its global batch of 4; the
+    other steps stay single commands. PROCESSES=3 is refused."""
     calls = tmp_path / "calls.txt"
     for name in ("fake-egolcd", "fake-python"):
         fake = tmp_path / name
@@ -130,7 +131,11 @@ def test_trainings_run_on_two_processes_with_the_same_clips_per_step(tmp_path):
     assert all(line.endswith("--resume latest --set grad_accum=2") for line in trainings)
     for stage in ("stage1", "stage2"):
         assert yaml.safe_load((REPO / "configs" / "train" / f"demo-v2-{stage}.yaml").read_text())["grad_accum"] == 4
-    assert sum(line.startswith("fake-egolcd ") for line in lines) == 7
+    vae = [line for line in lines if " train-vae " in line]
+    assert len(vae) == 1 and vae[0].startswith("fake-python -m torch.distributed.run --standalone --nproc_per_node 2 "
+                                               "-m egolcd train-vae ")
+    assert " --batch-size 4 " in vae[0] and vae[0].endswith("--resume --threads 1")  # one thread each, the last word
+    assert sum(line.startswith("fake-egolcd ") for line in lines) == 6
     bad = subprocess.run(["bash", str(SCRIPT), str(tmp_path / "bad")], env={**env, "PROCESSES": "3"},
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "PROCESSES must be 1, 2 or 4" in bad.stderr
