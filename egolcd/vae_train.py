@@ -20,9 +20,11 @@ with ``posterior="sample"`` the noise is drawn per process, so only the default 
 checkpoint resumes with another count. ``precision="bf16"`` runs the encoder and decoder under bf16
 autocast (weights, optimizer and loss stay float32).
 
-The defaults are the demo VAE's recipe (benchmarks/NOTES.md, 2026-12-03 fourth session): 13-frame crops (so
+The defaults are the v2 demo VAE's recipe (benchmarks/NOTES.md, 2026-12-03 fourth session): 13-frame crops (so
 groups after the first are trained reading a cached group, as when a long video is encoded), MSE on the
 posterior mean, cosine schedule, 6,000 steps of 2 crops at lr 1e-3: 24.6 dB on held-out tours, 48 min on 1 core.
+The embedded (v3) demo VAE takes the same settings with ``--batch-size 4 --steps 8000`` on two processes: 26.78 dB,
+62 min (egolcd/assets/demo/README.md).
 
     egolcd train-vae DATA --out models/demo-vae --preset demo --crop-size 32 --chunks-per-clip 26 --threads 1
 """
@@ -156,9 +158,9 @@ def _check(config: VAETrainConfig) -> None:
     for name, allowed in VAE_TRAIN_CHOICES.items():
         if getattr(config, name) not in allowed:
             raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(config, name)!r}")
-    if config.batch_size < 1 or config.batch_size % _world()[1]:
-        raise ValueError(f"batch_size must be a positive multiple of the {_world()[1]} processes, "
-                         f"got {config.batch_size}")
+    world = _world()[1]
+    if config.batch_size < 1 or config.batch_size % world:
+        raise ValueError(f"batch_size must be a positive multiple of the {world} processes, got {config.batch_size}")
     if config.steps < 1 or config.checkpoint_every < 0:
         raise ValueError(f"steps must be >= 1 and checkpoint_every >= 0, got {config.steps}, {config.checkpoint_every}")
     clip_frames = _clip_config(config).num_frames
