@@ -190,6 +190,34 @@ PRESETS: dict[str, Preset] = {
         fps=8,
         memory=MemoryConfig(window_chunks=2, keep_ratio=0.5, top_m=3, max_entries=32),
     ),
+    # The demo geometry with half the temporal compression: the VAE packs 2 frames to a latent frame (it
+    # reconstructs far better than 4: benchmarks/NOTES.md) and the DiT patches 2 latent frames to a token
+    # frame, so a chunk (6 latent frames = 12 pixel frames) is 3 token frames of 16 tokens, as in `demo`.
+    "demo-t2": Preset(
+        name="demo-t2",
+        transformer=dict(
+            patch_size=(2, 4, 4),
+            num_attention_heads=4,
+            attention_head_dim=32,
+            in_channels=8,
+            out_channels=8,
+            text_dim=384,
+            freq_dim=128,
+            ffn_dim=512,
+            num_layers=6,
+            cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads",
+            eps=1e-6,
+            rope_max_seq_len=1024,
+            chunk_frames=6,
+        ),
+        vae_temporal=2,
+        vae_spatial=4,
+        height=64,
+        width=64,
+        fps=8,
+        memory=MemoryConfig(window_chunks=2, keep_ratio=0.5, top_m=3, max_entries=32),
+    ),
     # The published Wan2.1 sizes (text encoder umT5-XXL, 4096-d; Wan VAE, 16 latent channels).
     "wan2.1-1.3b": Preset(
         name="wan2.1-1.3b",

@@ -43,23 +43,31 @@ __all__ = [
 ]
 
 
-def _embedded(base_dim: int, z_dim: int, num_res_blocks: int, spatial: int = 8) -> dict[str, Any]:
+def _embedded(
+    base_dim: int, z_dim: int, num_res_blocks: int, spatial: int = 8, temporal: int = 4
+) -> dict[str, Any]:
     # Wan's architecture, only thinner: 3 down stages with temporal down in the last two (8x spatial,
     # 4x temporal), or 2 down stages, both temporal (4x spatial, 4x temporal: less spatial compression
-    # for small frames); identity latent normalisation until a trained checkpoint provides statistics.
-    stages = {8: ([1, 2, 4, 4], [False, True, True]), 4: ([1, 2, 4], [True, True])}
-    dim_mult, temporal = stages[spatial]
+    # for small frames), or 2 down stages, the first temporal (4x spatial, 2x temporal: groups of 2 frames,
+    # which the demo-t2 DiT patches 2 to a token frame); identity latent normalisation until a trained
+    # checkpoint provides statistics.
+    stages = {
+        (8, 4): ([1, 2, 4, 4], [False, True, True]),
+        (4, 4): ([1, 2, 4], [True, True]),
+        (4, 2): ([1, 2, 4], [True, False]),
+    }
+    dim_mult, temporal_down = stages[spatial, temporal]
     return dict(
         base_dim=base_dim,
         z_dim=z_dim,
         dim_mult=dim_mult,
         num_res_blocks=num_res_blocks,
         attn_scales=[],
-        temperal_downsample=temporal,
+        temperal_downsample=temporal_down,
         dropout=0.0,
         latents_mean=[0.0] * z_dim,
         latents_std=[1.0] * z_dim,
-        scale_factor_temporal=4,
+        scale_factor_temporal=temporal,
         scale_factor_spatial=spatial,
     )
 
@@ -71,6 +79,7 @@ def _embedded(base_dim: int, z_dim: int, num_res_blocks: int, spatial: int = 8) 
 EMBEDDED_VAE_CONFIGS: dict[str, dict[str, Any]] = {
     "tiny": _embedded(base_dim=8, z_dim=4, num_res_blocks=1),
     "demo": _embedded(base_dim=16, z_dim=8, num_res_blocks=1, spatial=4),
+    "demo-t2": _embedded(base_dim=16, z_dim=8, num_res_blocks=1, spatial=4, temporal=2),
 }
 
 
@@ -84,9 +93,9 @@ def embedded_vae_config(preset: Preset, latent_channels: int | None = None) -> d
     z = preset.latent_channels if latent_channels is None else latent_channels
     if cfg["z_dim"] != z:
         cfg.update(z_dim=z, latents_mean=[0.0] * z, latents_std=[1.0] * z)
-    if (preset.vae_temporal, preset.vae_spatial) != (4, cfg["scale_factor_spatial"]):
+    if (preset.vae_temporal, preset.vae_spatial) != (cfg["scale_factor_temporal"], cfg["scale_factor_spatial"]):
         raise ValueError(
-            f"preset {preset.name!r}: the embedded VAE compresses 4x in time and "
+            f"preset {preset.name!r}: the embedded VAE compresses {cfg['scale_factor_temporal']}x in time and "
             f"{cfg['scale_factor_spatial']}x in space, "
             f"got vae_temporal={preset.vae_temporal}, vae_spatial={preset.vae_spatial}"
         )
