@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         k = pipe.chunk_frames
         height, width = pipe.video_size(pipe.compile(narrative_path)[0])
         latent_hw = (height // pipe.vae.spatial_factor, width // pipe.vae.spatial_factor)
-        tokens = k * pipe.transformer.tokens_per_frame(*latent_hw)
+        tokens = pipe.transformer.tokens_per_chunk(*latent_hw)
         policy = MemoryPolicy(dataclasses.replace(cfg.memory, policy=name), k)
         contexts = [c.context_tokens for c in result.chunks]
         steady = statistics.median(times[-8:])

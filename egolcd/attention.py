@@ -193,10 +193,20 @@ def rope_in_place_ok(x: Tensor) -> bool:
 
 
 def grid_positions(
-    batch: int, frames: int, height: int, width: int, frame_start: int = 0, device: torch.device | None = None
+    batch: int,
+    frames: int,
+    height: int,
+    width: int,
+    frame_start: int = 0,
+    device: torch.device | None = None,
+    frame_stride: int = 1,
 ) -> Tensor:
-    """``(B, frames*height*width, 3)`` positions of a patch grid in ``(frame, row, col)`` raster order."""
-    f = torch.arange(frame_start, frame_start + frames, device=device)
+    """``(B, frames*height*width, 3)`` positions of a patch grid in ``(frame, row, col)`` raster order.
+
+    Frame positions count latent frames: token frame ``j`` sits at ``frame_start + frame_stride * j``, where
+    ``frame_stride`` is the DiT's temporal patch (1 for every Wan2.1 checkpoint, where this is the token index).
+    """
+    f = torch.arange(frame_start, frame_start + frame_stride * frames, frame_stride, device=device)
     h = torch.arange(height, device=device)
     w = torch.arange(width, device=device)
     grid = torch.stack(torch.meshgrid(f, h, w, indexing="ij"), dim=-1).reshape(1, -1, 3)  # (1, F*H*W, 3)

@@ -202,7 +202,7 @@ class PolicyRun:
             **{**asdict(preset.memory), "offload_long_term": "cpu" if config.offload else None,
                "importance_query_stride": config.importance_stride}
         )
-        self.n_tokens = k * model.tokens_per_frame(*self.latent_hw)
+        self.n_tokens = model.tokens_per_chunk(*self.latent_hw)
         self.sigmas = get_sigmas(config.steps, 5.0)
         self.sample = get_sampler("euler")
         self.policy: Any = None

@@ -311,7 +311,7 @@ class EgoLCDPipeline:
         sigmas = sampling_sigmas(cfg, sampler_name, steps)  # on the host: no device sync in the step loop
 
         # 2. Memory state: new, or resumed (an extended narrative may rebuild it from the saved latents)
-        arena = ContextArena(reserve=k * self.transformer.tokens_per_frame(*latent_hw))
+        arena = ContextArena(reserve=self.transformer.tokens_per_chunk(*latent_hw))
         prompts: dict[int, PromptCache] = {}  # per segment: text projection and cross-attention K/V, once
         state = policy.init_state()
         latents_so_far: list[Tensor] = []

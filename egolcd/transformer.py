@@ -10,6 +10,9 @@ Two entry points:
 * ``forward`` - the whole latent video at once, called like ``WanTransformer3DModel``. With
   ``chunk_frames=None`` (or ``>= F``) it is the same function as Wan; with ``chunk_frames=K < F`` the
   self-attention is block-causal (bidirectional inside a chunk of K frames, causal across chunks).
+  A temporal patch ``p_t > 1`` (the ``demo-t2`` preset: 2) makes a chunk ``K / p_t`` token frames; rotary
+  frame positions still count latent frames (``p_t`` apart), so memory offsets are in latent frames for
+  every patch size (for ``p_t = 1``, every Wan2.1 checkpoint, this is Wan's own token index).
 * ``forward_chunk`` - one chunk with an explicit per-layer memory context (``LayerKV``: pre-RoPE keys,
   values and grid positions); returns the chunk's own keys/values for writing into memory, and on
   request the attention mass the context received (importance) and the memory/full-history attention
@@ -126,6 +129,8 @@ class EgoLCDTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         super().__init__()
         if chunk_frames is not None and chunk_frames < 1:
             raise ValueError(f"chunk_frames must be >= 1 or None, got {chunk_frames}")
+        if chunk_frames is not None and chunk_frames % patch_size[0]:
+            raise ValueError(f"chunk_frames ({chunk_frames}) must be a multiple of the temporal patch {patch_size[0]}")
         inner_dim = num_attention_heads * attention_head_dim
         out_channels = out_channels or in_channels
 
@@ -206,8 +211,13 @@ class EgoLCDTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         return int(self.config.attention_head_dim)
 
     def tokens_per_frame(self, height: int, width: int) -> int:
+        """Tokens of one token frame (``p_t`` latent frames) of an ``height x width`` latent."""
         _, p_h, p_w = self.config.patch_size
         return (height // p_h) * (width // p_w)
+
+    def tokens_per_chunk(self, height: int, width: int) -> int:
+        """Tokens of one chunk (``chunk_frames`` latent frames) of an ``height x width`` latent."""
+        return int(self.config.chunk_frames) // self.config.patch_size[0] * self.tokens_per_frame(height, width)
 
     def _embed(
         self,
@@ -315,10 +325,11 @@ class EgoLCDTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image
         )
         f, h, w = grid
-        pos = grid_positions(b, f, h, w, device=x.device)  # (B, N, 3)
+        p_t = self.config.patch_size[0]
+        pos = grid_positions(b, f, h, w, device=x.device, frame_stride=p_t)  # (B, N, 3)
         cos, sin = rope_cos_sin(pos, self.head_dim)
-        # 3. Block-causal mask when the video spans several chunks
-        k = self.config.chunk_frames
+        # 3. Block-causal mask when the video spans several chunks (of K / p_t token frames)
+        k = None if self.config.chunk_frames is None else self.config.chunk_frames // p_t
         mask = block_causal_mask(f, h * w, k, device=x.device) if k is not None and k < f else None
         ios = [_LayerIO(cos=cos, sin=sin, pos=pos, mask=mask) for _ in self.blocks]
         # 4. Transformer blocks
@@ -339,7 +350,7 @@ class EgoLCDTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         if key not in memo:
             if len(memo) >= 8:
                 memo.clear()
-            pos = grid_positions(b, f, h, w, frame_start=frame_start, device=device)  # (B, N, 3)
+            pos = grid_positions(b, f, h, w, frame_start, device, self.config.patch_size[0])  # (B, N, 3)
             cos, sin = rope_cos_sin(pos, self.head_dim)
             memo[key] = (pos, cos, sin, rope_freqs(cos, sin))
         return memo[key]
@@ -394,7 +405,7 @@ class EgoLCDTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         if fast:  # the same positions for every denoising step and the clean pass of a chunk: made once
             pos, cos, sin, freqs = self._chunk_rotary(b, f, h, w, frame_start, x.device)
         else:
-            pos = grid_positions(b, f, h, w, frame_start=frame_start, device=x.device)  # (B, N, 3)
+            pos = grid_positions(b, f, h, w, frame_start, x.device, self.config.patch_size[0])  # (B, N, 3)
             cos, sin = rope_cos_sin(pos, self.head_dim)
             freqs = None
         ios = [

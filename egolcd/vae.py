@@ -301,7 +301,10 @@ class VideoVAE:
         """
         self._check_video(video)
         self.num_latent_frames(video.shape[2])
-        posterior = self.model.encode(video.to(self.device, self.dtype)).latent_dist
+        if (video.shape[2] - 1) % 4 == 0:
+            posterior = self.model.encode(video.to(self.device, self.dtype)).latent_dist
+        else:  # diffusers' encode reads 4 frames at a time and would drop the tail of a 2x VAE's 4k + 3 frames
+            posterior = DiagonalGaussianDistribution(StreamingEncoder(self).moments(video))
         z = posterior.sample(generator=generator) if sample else posterior.mode()
         return self.normalize(z)
 
@@ -416,6 +419,12 @@ class StreamingEncoder:
         Returns:
             normalised latents ``(B, C, l, H / 8, W / 8)`` with ``l = 1 + k`` for the first chunk, ``k`` after.
         """
+        return self.vae.normalize(DiagonalGaussianDistribution(self.moments(video)).mode())
+
+    @torch.no_grad()
+    def moments(self, video: torch.Tensor) -> torch.Tensor:
+        """The posterior's raw ``(mean, logvar)`` of the next pixel frames (``encode_chunk`` before the mean and
+        normalisation): ``(B, 2 C, l, H / 8, W / 8)``."""
         vae, model = self.vae, self.vae.model
         vae._check_video(video)
         f, t = vae.temporal_factor, video.shape[2]
@@ -435,7 +444,7 @@ class StreamingEncoder:
         h = model.quant_conv(torch.cat(outs, dim=2))
         self.frames_in += t
         self.latent_frames_out += h.shape[2]
-        return vae.normalize(DiagonalGaussianDistribution(h).mode())
+        return h
 
 
 def build_vae(

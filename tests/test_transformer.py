@@ -27,11 +27,11 @@ def wan_init_dict():
     return cfg
 
 
-def inputs(batch=2, frames=6, size=8, seed=0, per_frame=False):
+def inputs(batch=2, frames=6, size=8, seed=0, per_frame=False, temporal_patch=1):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, TINY["in_channels"], frames, size, size, generator=g)
-    if per_frame:
-        t = torch.rand(batch, frames, generator=g) * 1000
+    if per_frame:  # one level per token frame (the model reads the first of each temporal patch)
+        t = (torch.rand(batch, frames // temporal_patch, generator=g) * 1000).repeat_interleave(temporal_patch, 1)
     else:
         t = torch.tensor([700.0, 150.0][:batch])
     text = torch.randn(batch, 5, TINY["text_dim"], generator=g)
@@ -107,11 +107,12 @@ def test_block_causal_future_chunks_do_not_change_the_past():
     assert (a[:, :, 4] - c[:, :, 4]).abs().max() > 1e-4
 
 
-def test_chunk_by_chunk_with_dense_context_equals_full_block_causal_forward():
+@pytest.mark.parametrize("patch_size, k", [((1, 2, 2), 2), ((2, 2, 2), 4)])
+def test_chunk_by_chunk_with_dense_context_equals_full_block_causal_forward(patch_size, k):
+    """Also with a temporal patch of 2 (the demo-t2 geometry: a chunk of 4 latent frames is 2 token frames)."""
     torch.manual_seed(0)
-    k = 2
-    model = EgoLCDTransformer3DModel(**get_init_dict(chunk_frames=k)).eval()
-    x, t, text = inputs(frames=8, per_frame=True)
+    model = EgoLCDTransformer3DModel(**get_init_dict(chunk_frames=k, patch_size=patch_size)).eval()
+    x, t, text = inputs(frames=3 * k, per_frame=True, temporal_patch=patch_size[0])
     with torch.no_grad():
         full = model(x, t, text, return_dict=False)[0]
         history: list[list[LayerKV]] = []
@@ -126,6 +127,26 @@ def test_chunk_by_chunk_with_dense_context_equals_full_block_causal_forward():
     chunked = torch.cat(outs, dim=2)
     diff = (chunked - full).abs().max().item()
     assert diff < 1e-4, diff
+
+
+def test_temporal_patch_2_is_block_causal_with_positions_in_latent_frames():
+    """p_t = 2: a chunk of 4 latent frames is 2 token frames; the past does not see the future; a chunk's keys
+    sit at latent-frame positions (frame_start, frame_start + 2); chunk_frames must be a multiple of p_t."""
+    torch.manual_seed(0)
+    model = EgoLCDTransformer3DModel(**get_init_dict(chunk_frames=4, patch_size=(2, 2, 2))).eval()
+    x, t, text = inputs(frames=8, per_frame=True, temporal_patch=2)
+    x2 = x.clone()
+    x2[:, :, 4:] = torch.randn_like(x2[:, :, 4:])
+    with torch.no_grad():
+        a = model(x, t, text, return_dict=False)[0]
+        b = model(x2, t, text, return_dict=False)[0]
+        kv = model.forward_chunk(x[:, :, 4:], t[:, 4:], text, frame_start=4, return_kv=True).kv
+    assert a.shape == x.shape
+    assert (a[:, :, :4] - b[:, :, :4]).abs().max() < 1e-6 and (a[:, :, 4:] - b[:, :, 4:]).abs().max() > 1e-3
+    assert sorted(set(kv[0].pos[0, :, 0].tolist())) == [4, 6]
+    assert model.tokens_per_chunk(8, 8) == 2 * 16
+    with pytest.raises(ValueError, match="multiple of the temporal patch"):
+        EgoLCDTransformer3DModel(**get_init_dict(chunk_frames=3, patch_size=(2, 2, 2)))
 
 
 def test_positions_are_relative_shifting_all_frames_changes_nothing():

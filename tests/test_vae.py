@@ -48,8 +48,11 @@ def test_embedded_configs_match_presets() -> None:
     for name, cfg in EMBEDDED_VAE_CONFIGS.items():
         assert cfg["z_dim"] == PRESETS[name].latent_channels
         assert cfg["scale_factor_spatial"] == PRESETS[name].vae_spatial
-        # Wan's stages: 8x = three downsamples (time in the last two), 4x = two (both in time)
-        want = {8: [False, True, True], 4: [True, True]}[cfg["scale_factor_spatial"]]
+        assert cfg["scale_factor_temporal"] == PRESETS[name].vae_temporal
+        # Wan's stages: 8x = three downsamples (time in the last two), 4x = two (both in time, or the first only)
+        want = {(8, 4): [False, True, True], (4, 4): [True, True], (4, 2): [True, False]}[
+            cfg["scale_factor_spatial"], cfg["scale_factor_temporal"]
+        ]
         assert cfg["temperal_downsample"] == want and len(cfg["dim_mult"]) == len(want) + 1
         assert cfg["latents_mean"] == [0.0] * cfg["z_dim"] and cfg["latents_std"] == [1.0] * cfg["z_dim"]
 
@@ -129,6 +132,26 @@ def test_streaming_encode_equals_full_encode(vae: VideoVAE) -> None:
     assert (streamed - full).abs().max().item() < 1e-4
     with pytest.raises(ValueError, match="multiple of 4"):
         enc.encode_chunk(video[:, :, :3])
+
+
+def test_two_x_temporal_vae_encodes_any_2k_plus_1_frames_causally() -> None:
+    """The demo-t2 VAE (2x in time): 2k + 1 frames encode to 1 + k latents, also when diffusers' own encode (4
+    frames at a time) would drop the tail; the pieces path equals diffusers' on 4k + 1 frames; encoding is
+    causal; streaming decode equals full decode."""
+    vae = VideoVAE.from_config_dict({**EMBEDDED_VAE_CONFIGS["demo-t2"], "base_dim": 8}, seed=0)
+    assert vae.temporal_factor == 2 and vae.num_latent_frames(11) == 6
+    video = _video(11, h=16, w=16, seed=5)
+    z11 = vae.encode(video)  # 4k + 3 frames: encoded in pieces of 2
+    z9 = vae.encode(video[:, :, :9])  # 4k + 1 frames: diffusers' encode
+    assert z11.shape == (1, 8, 6, 4, 4) and z9.shape == (1, 8, 5, 4, 4)
+    assert (z11[:, :, :5] - z9).abs().max().item() < 1e-4
+    pieces = StreamingEncoder(vae).encode_chunk(video[:, :, :9])
+    assert (pieces - z9).abs().max().item() < 1e-4
+    full = vae.decode(z11)
+    assert full.shape == (1, 3, 11, 16, 16)
+    dec = StreamingDecoder(vae)
+    streamed = torch.cat([dec.decode_chunk(c) for c in z11.split([3, 3], dim=2)], dim=2)
+    assert (streamed - full).abs().max().item() < 1e-4
 
 
 def test_bad_frame_count_raises_one_line(vae: VideoVAE) -> None:
