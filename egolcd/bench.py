@@ -195,7 +195,7 @@ class PolicyRun:
         if config.compile:
             compile_transformer(model)
         self.model, self.dtype = model, dtype
-        self.k = k = preset.chunk_frames
+        self.k = preset.chunk_frames
         height, width = config.height or preset.height, config.width or preset.width
         self.latent_hw = (height // preset.vae_spatial, width // preset.vae_spatial)
         self.memory = MemoryConfig(
