@@ -1,10 +1,11 @@
 """Held-out reconstruction PSNR of one or more VAEs (the issue's 28 dB target for the demo VAE).
 
 Each video of ``--data`` (an ``egolcd prepare-data`` folder, ideally a seed never trained on) is cut to
-4k + 1 frames, encoded and decoded whole, and scored by mean per-frame PSNR against the original, as
+fk + 1 frames, encoded and decoded whole, and scored by mean per-frame PSNR against the original, as
 ``benchmarks/drift.py`` scores the VAE ceiling. Beside it, where the loss is: the first frame (which the
-causal Wan VAE encodes alone, so only spatial compression touches it) and the 4 positions of the frames
-it encodes 4 to a latent frame (temporal compression as well); and, in time, the first group of 4 (its
+causal Wan VAE encodes alone, so only spatial compression touches it) and the f positions of the frames
+it encodes f to a latent frame (f = 4, or 2 for demo-t2; temporal compression as well); and, in time, the first
+group of f (its
 causal cache holds the first frame, as in a 5-frame training crop) against every later group (a cache
 holding another group: trained only with crops of 9 frames or more). ``--frames N`` scores the first N
 frames only (quicker, for pilots).
@@ -70,8 +71,8 @@ def main() -> None:
                           "later_groups_psnr": float(np.mean(later)) if later else None}
         print(f"{folder}: {np.mean(scores):.2f} dB over {len(scores)} videos "
               f"({params / 1e6:.2f} M parameters, {vae.latent_channels} latent channels); first frame "
-              f"{np.mean(first):.2f} dB, frames 4 to a latent by position " + " / ".join(f"{p:.2f}" for p in positions)
-              + f"; the first group of 4 {np.mean(group_one):.2f} dB, later groups "
+              f"{np.mean(first):.2f} dB, frames {tf} to a latent by position " + " / ".join(f"{p:.2f}" for p in positions)
+              + f"; the first group of {tf} {np.mean(group_one):.2f} dB, later groups "
               + (f"{np.mean(later):.2f} dB" if later else "none"))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
