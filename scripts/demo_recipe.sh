@@ -13,7 +13,8 @@
 # batch of 4 crops is split between them; the DiT stages run with grad_accum 4 / PROCESSES, so every step still
 # takes 4 clips. Either way these are the same steps as one process (the small models do not get faster with
 # threads; two processes train the DiT about 1.75x and the VAE 1.6x faster). The commands are those of
-# egolcd/assets/demo/README.md.
+# egolcd/assets/demo/README.md. GEOMETRY=demo-t2 runs the same recipe on the demo-t2 geometry (the VAE 2x in time,
+# 5,600 steps; configs/train/demo-t2-stage{1,2}.yaml) into WORKDIR/models/demo-t2, with its own done-markers.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -22,12 +23,20 @@ WORKDIR="$(cd "${1:-$REPO}" && pwd)"
 THREADS="${THREADS:-2}"
 PROCESSES="${PROCESSES:-2}"
 case "$PROCESSES" in 1|2|4) ;; *) echo "PROCESSES must be 1, 2 or 4 (4 clips a step), got $PROCESSES" >&2; exit 2 ;; esac
+# GEOMETRY=demo (the embedded model's: VAE 4x in time) or demo-t2 (VAE 2x in time, DiT temporal patch 2; the VAE's
+# steps cut to its hour: docs/METHOD.md, benchmarks/NOTES.md). Each writes its own folders and done-markers.
+GEOMETRY="${GEOMETRY:-demo}"
+case "$GEOMETRY" in
+    demo) TAG=v2; VAE_STEPS=8000; VAE_DIR=models/demo-vae; INIT_DIR=models/demo-init-v2; MODEL=models/demo; MARK= ;;
+    demo-t2) TAG=t2; VAE_STEPS=5600; VAE_DIR=models/demo-t2-vae; INIT_DIR=models/demo-t2-init; MODEL=models/demo-t2; MARK=/demo-t2 ;;
+    *) echo "GEOMETRY must be demo or demo-t2, got $GEOMETRY" >&2; exit 2 ;;
+esac
 if [[ -x "$REPO/.venv/bin/egolcd" ]]; then EGOLCD="${EGOLCD:-$REPO/.venv/bin/egolcd}"; else EGOLCD="${EGOLCD:-egolcd}"; fi
 if [[ -x "$REPO/.venv/bin/python" ]]; then PYTHON="${PYTHON:-$REPO/.venv/bin/python}"; else PYTHON="${PYTHON:-python3}"; fi
 cd "$WORKDIR"
 export OMP_NUM_THREADS="$THREADS"
 TIMES="$WORKDIR/recipe-times.tsv"
-DONE="$WORKDIR/.recipe-done"
+DONE="$WORKDIR/.recipe-done$MARK"
 mkdir -p "$DONE"
 
 step() {  # step NAME COMMAND...: run COMMAND unless step NAME finished before; log its wall time, mark it done
@@ -69,23 +78,23 @@ step data \
     "$EGOLCD" prepare-data memory-maze --out data/maze40a --episodes 48 --seconds 40 --seed 0 --size 64x64 --fps 8 \
     --workers "$THREADS"
 step vae processes \
-    "$EGOLCD" train-vae data/maze40a --out models/demo-vae --preset demo --batch-size 4 --lr 1e-3 --crop-size 32 \
+    "$EGOLCD" train-vae data/maze40a --out "$VAE_DIR" --preset "$GEOMETRY" --batch-size 4 --lr 1e-3 --crop-size 32 \
     --crop-frames 13 --chunks-per-clip 26 --threads "$THREADS" --seed 0 --lr-schedule cosine --posterior mode \
-    --loss mse --steps 8000 --resume
-step init fresh models/demo-init-v2 \
-    "$EGOLCD" create-model models/demo-init-v2 --preset demo --vae models/demo-vae --seed 0
+    --loss mse --steps "$VAE_STEPS" --resume
+step init fresh "$INIT_DIR" \
+    "$EGOLCD" create-model "$INIT_DIR" --preset "$GEOMETRY" --vae "$VAE_DIR" --seed 0
 step latents \
-    "$EGOLCD" prepare-latents data/maze40a --out data/latents/demo-v2 --model models/demo-init-v2 --preset demo \
+    "$EGOLCD" prepare-latents data/maze40a --out "data/latents/demo-$TAG" --model "$INIT_DIR" --preset "$GEOMETRY" \
     --chunks-per-clip 26
 step stage1 processes \
-    "$EGOLCD" train "$REPO/configs/train/demo-v2-stage1.yaml" --resume latest
-step export1 fresh models/demo-v2-stage1 \
-    "$EGOLCD" export runs/demo-v2-stage1 models/demo-v2-stage1
-step poshead fresh models/demo-v2-poshead-init \
-    "$EGOLCD" create-model models/demo-v2-poshead-init --init-from models/demo-v2-stage1 --position-heads 2
+    "$EGOLCD" train "$REPO/configs/train/demo-$TAG-stage1.yaml" --resume latest
+step export1 fresh "models/demo-$TAG-stage1" \
+    "$EGOLCD" export "runs/demo-$TAG-stage1" "models/demo-$TAG-stage1"
+step poshead fresh "models/demo-$TAG-poshead-init" \
+    "$EGOLCD" create-model "models/demo-$TAG-poshead-init" --init-from "models/demo-$TAG-stage1" --position-heads 2
 step stage2 processes \
-    "$EGOLCD" train "$REPO/configs/train/demo-v2-stage2.yaml" --resume latest
-step export2 fresh models/demo \
-    "$EGOLCD" export runs/demo-v2-stage2 models/demo --memory-guidance 2
-echo "== the demo model is in $WORKDIR/models/demo; wall times (s) in $TIMES:"
+    "$EGOLCD" train "$REPO/configs/train/demo-$TAG-stage2.yaml" --resume latest
+step export2 fresh "$MODEL" \
+    "$EGOLCD" export "runs/demo-$TAG-stage2" "$MODEL" --memory-guidance 2
+echo "== the $GEOMETRY model is in $WORKDIR/$MODEL; wall times (s) in $TIMES:"
 cat "$TIMES"

@@ -18,14 +18,28 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "demo_recipe.sh"
 
 
-def _steps() -> list[tuple[str, str | None, list[str]]]:
-    """(name, folder cleared first or None, egolcd argv) of every ``step`` line, continuations joined."""
+def _geometry(name: str) -> dict[str, str]:
+    """The script's variables for ``GEOMETRY=name``, read from its ``case "$GEOMETRY"`` block."""
+    for line in SCRIPT.read_text().splitlines():
+        m = re.match(r"\s+([\w-]+)\) (TAG=.*);;$", line)
+        if m and m.group(1) == name:
+            pairs = [p.strip().split("=", 1) for p in m.group(2).split(";") if p.strip()]
+            return {"GEOMETRY": name, **{k: v for k, v in pairs}}
+    raise AssertionError(f"no GEOMETRY {name} in the script")
+
+
+def _steps(geometry: str = "demo") -> list[tuple[str, str | None, list[str]]]:
+    """(name, folder cleared first or None, egolcd argv) of every ``step`` line, continuations joined, with the
+    variables of ``GEOMETRY=geometry``."""
     text = SCRIPT.read_text().replace("\\\n", " ")
+    values = {"THREADS": "2", **_geometry(geometry)}
     steps = []
     for line in text.splitlines():
         if not line.startswith("step ") or '"$EGOLCD"' not in line:
             continue
-        words = shlex.split(line.replace('"$THREADS"', "2").replace('"$REPO/', f'"{REPO}/'))
+        line = line.replace('"$REPO/', f'"{REPO}/')
+        line = re.sub(r"\$(\w+)", lambda m: values.get(m.group(1), m.group(0)), line)
+        words = shlex.split(line)
         name, rest = words[1], words[2:]
         fresh = None
         if rest[0] == "fresh":
@@ -41,8 +55,9 @@ def test_script_is_valid_bash():
     subprocess.run(["bash", "-n", str(SCRIPT)], check=True)
 
 
-def test_every_step_parses_with_the_cli():
-    steps = _steps()
+@pytest.mark.parametrize("geometry", ["demo", "demo-t2"])
+def test_every_step_parses_with_the_cli(geometry):
+    steps = _steps(geometry)
     assert [s[0] for s in steps] == [
         "data", "vae", "init", "latents", "stage1", "export1", "poshead", "stage2", "export2"
     ]
@@ -52,11 +67,17 @@ def test_every_step_parses_with_the_cli():
         assert callable(args.func), name
 
 
+@pytest.mark.parametrize("geometry", ["demo", "demo-t2"])
 @pytest.mark.parametrize("stage", ["stage1", "stage2"])
-def test_training_configs_match_the_other_steps(stage):
-    """The trainings read the latents and init models the other steps write, and are exported from."""
-    steps = {name: (fresh, argv) for name, fresh, argv in _steps()}
+def test_training_configs_match_the_other_steps(stage, geometry):
+    """The trainings read the latents and init models the other steps write, and are exported from, with the
+    geometry's preset everywhere."""
+    steps = {name: (fresh, argv) for name, fresh, argv in _steps(geometry)}
+    for name in ("vae", "init", "latents"):
+        argv = steps[name][1]
+        assert argv[argv.index("--preset") + 1] == geometry, name
     config = yaml.safe_load(Path(steps[stage][1][1]).read_text())
+    assert config["preset"] == geometry
     latents = steps["latents"][1]
     assert config["data"] == latents[latents.index("--out") + 1]
     made_by = {"stage1": "init", "stage2": "poshead"}[stage]
@@ -139,3 +160,27 @@ def test_trainings_run_on_two_processes_with_the_same_clips_per_step(tmp_path):
     bad = subprocess.run(["bash", str(SCRIPT), str(tmp_path / "bad")], env={**env, "PROCESSES": "3"},
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "PROCESSES must be 1, 2 or 4" in bad.stderr
+
+
+def test_geometries_keep_their_own_done_markers(tmp_path):
+    """GEOMETRY=demo-t2 in a WORKDIR where the demo recipe finished runs every step again (its own markers and
+    folders: the data step too, which finds its data already there), into models/demo-t2; an unknown geometry is
+    refused before anything runs."""
+    calls = tmp_path / "calls.txt"
+    fake = tmp_path / "fake-egolcd"
+    fake.write_text(f'#!/usr/bin/env bash\necho "$*" >> "{calls}"\n')
+    fake.chmod(0o755)
+    work = tmp_path / "work"
+    env = {"PATH": "/usr/bin:/bin", "EGOLCD": str(fake), "THREADS": "1", "PROCESSES": "1"}
+    assert subprocess.run(["bash", str(SCRIPT), str(work)], env=env, capture_output=True).returncode == 0
+    calls.unlink()
+    t2 = subprocess.run(["bash", str(SCRIPT), str(work)], env={**env, "GEOMETRY": "demo-t2"},
+                        capture_output=True, text=True)
+    assert t2.returncode == 0, t2.stderr
+    lines = calls.read_text().splitlines()
+    assert len(lines) == 9 and lines[-1] == "export runs/demo-t2-stage2 models/demo-t2 --memory-guidance 2"
+    assert "--preset demo-t2" in lines[1] and "--steps 5600" in lines[1]
+    calls.unlink()
+    bad = subprocess.run(["bash", str(SCRIPT), str(work)], env={**env, "GEOMETRY": "demo-t3"},
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "GEOMETRY must be demo or demo-t2" in bad.stderr and not calls.exists()
