@@ -8,7 +8,8 @@ Memory holds keys *before* rotary encoding with absolute ``(frame, row, col)`` p
 is read, frame positions are re-indexed: the window keeps its offsets to the current chunk, the sink and
 the retrieved entries occupy chunk-sized slots just before the window, and the earliest slot starts at
 frame 0. The largest frame position is therefore ``(slots + window + 1) * chunk_frames - p_t`` whatever the
-video length (positions count latent frames; ``p_t`` is the DiT's temporal patch). (``dense`` keeps everything in the window, so its positions are the absolute ones.)
+video length (positions count latent frames; ``p_t`` is the DiT's temporal patch). (``dense`` keeps everything
+in the window, so its positions are the absolute ones.)
 
 The same ``MemoryPolicy`` drives training (teacher forcing over a clip) and inference (``pipeline``):
 ``context()`` says what a chunk sees, ``write()`` stores the chunk after its clean (t = 0) pass.

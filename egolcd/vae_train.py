@@ -149,9 +149,9 @@ def _lr_lambda(config: VAETrainConfig):
 
 
 def _check(config: VAETrainConfig) -> None:
-    vae_temporal = get_preset(config.preset).vae_temporal
-    if config.crop_frames < 1 or (config.crop_frames - 1) % vae_temporal:
-        raise ValueError(f"crop_frames must be {vae_temporal}k + 1 for preset {config.preset!r}, got {config.crop_frames}")
+    # 4k + 1 whatever the VAE's temporal factor: diffusers' AutoencoderKLWan.encode reads 4 frames at a time
+    if config.crop_frames < 1 or (config.crop_frames - 1) % 4:
+        raise ValueError(f"crop_frames must be 4k + 1, got {config.crop_frames}")
     for name in ("latent_channels", "base_dim"):
         value = getattr(config, name)
         if value is not None and (value < 1 or config.init is not None):

@@ -151,6 +151,9 @@ def test_train_vae_rejects_unknown_choices(tmp_path):
     with pytest.raises(ValueError, match="fewer than crop_frames=17"):  # 13-frame clips
         train_vae(VAETrainConfig(data=str(data), out=str(tmp_path / "v"), preset="tiny", crop_frames=17,
                                  chunks_per_clip=2))
+    # a 2x VAE's 11 frames are whole latent frames, but diffusers' encode reads 4 at a time: refused up front
+    with pytest.raises(ValueError, match="crop_frames must be 4k \\+ 1, got 11"):
+        train_vae(VAETrainConfig(data=str(data), out=str(tmp_path / "v"), preset="demo-t2", crop_frames=11))
     assert not (tmp_path / "v").exists()
 
 
