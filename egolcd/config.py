@@ -134,6 +134,37 @@ def _wan(num_heads: int, ffn_dim: int, num_layers: int) -> dict[str, Any]:
     )
 
 
+# The embedded default, trained on CPU on simulated egocentric footage (64x64, Memory Maze's native
+# size): < 50 MB in safetensors with its VAE. The VAE compresses 4x in space (16x16 latents) and the
+# DiT patches 4x4, so a frame is 16 tokens, as cheap as 8x + 2x2 but reconstructed far better. The DiT
+# is small (6 layers, width 128) so that the whole recipe trains on 2 CPU cores in about 100 minutes.
+_DEMO = Preset(
+    name="demo",
+    transformer=dict(
+        patch_size=(1, 4, 4),
+        num_attention_heads=4,
+        attention_head_dim=32,
+        in_channels=8,
+        out_channels=8,
+        text_dim=384,
+        freq_dim=128,
+        ffn_dim=512,
+        num_layers=6,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        eps=1e-6,
+        rope_max_seq_len=1024,
+        chunk_frames=3,
+    ),
+    vae_temporal=4,
+    vae_spatial=4,
+    height=64,
+    width=64,
+    fps=8,
+    memory=MemoryConfig(window_chunks=2, keep_ratio=0.5, top_m=3, max_entries=32),
+)
+
+
 PRESETS: dict[str, Preset] = {
     # Tests: seconds on CPU. Text dim 384 = the embedded MiniLM encoder.
     "tiny": Preset(
@@ -161,62 +192,15 @@ PRESETS: dict[str, Preset] = {
         fps=8,
         memory=MemoryConfig(window_chunks=2, keep_ratio=0.25, top_m=2, max_entries=8),
     ),
-    # The embedded default, trained on CPU on simulated egocentric footage (64x64, Memory Maze's native
-    # size): < 50 MB in safetensors with its VAE. The VAE compresses 4x in space (16x16 latents) and the
-    # DiT patches 4x4, so a frame is 16 tokens, as cheap as 8x + 2x2 but reconstructed far better. The DiT
-    # is small (6 layers, width 128) so that the whole recipe trains on 2 CPU cores in about 100 minutes.
-    "demo": Preset(
-        name="demo",
-        transformer=dict(
-            patch_size=(1, 4, 4),
-            num_attention_heads=4,
-            attention_head_dim=32,
-            in_channels=8,
-            out_channels=8,
-            text_dim=384,
-            freq_dim=128,
-            ffn_dim=512,
-            num_layers=6,
-            cross_attn_norm=True,
-            qk_norm="rms_norm_across_heads",
-            eps=1e-6,
-            rope_max_seq_len=1024,
-            chunk_frames=3,
-        ),
-        vae_temporal=4,
-        vae_spatial=4,
-        height=64,
-        width=64,
-        fps=8,
-        memory=MemoryConfig(window_chunks=2, keep_ratio=0.5, top_m=3, max_entries=32),
-    ),
+    "demo": _DEMO,
     # The demo geometry with half the temporal compression: the VAE packs 2 frames to a latent frame (it
     # reconstructs far better than 4: benchmarks/NOTES.md) and the DiT patches 2 latent frames to a token
     # frame, so a chunk (6 latent frames = 12 pixel frames) is 3 token frames of 16 tokens, as in `demo`.
-    "demo-t2": Preset(
+    "demo-t2": _DEMO.replace(
         name="demo-t2",
-        transformer=dict(
-            patch_size=(2, 4, 4),
-            num_attention_heads=4,
-            attention_head_dim=32,
-            in_channels=8,
-            out_channels=8,
-            text_dim=384,
-            freq_dim=128,
-            ffn_dim=512,
-            num_layers=6,
-            cross_attn_norm=True,
-            qk_norm="rms_norm_across_heads",
-            eps=1e-6,
-            rope_max_seq_len=1024,
-            chunk_frames=6,
-        ),
+        transformer={**_DEMO.transformer, "patch_size": (2, 4, 4), "chunk_frames": 6},
         vae_temporal=2,
-        vae_spatial=4,
-        height=64,
-        width=64,
-        fps=8,
-        memory=MemoryConfig(window_chunks=2, keep_ratio=0.5, top_m=3, max_entries=32),
+        memory=dataclasses.replace(_DEMO.memory),
     ),
     # The published Wan2.1 sizes (text encoder umT5-XXL, 4096-d; Wan VAE, 16 latent channels).
     "wan2.1-1.3b": Preset(
