@@ -8,7 +8,7 @@
 # rerun; an interrupted one runs again, the trainings from their last checkpoint, so after an interruption the same
 # command resumes. The finished model is WORKDIR/models/demo (use it with `egolcd generate --model models/demo`);
 # the embedded model in egolcd/assets/demo is never touched. Each step's wall time is appended to
-# WORKDIR/recipe-times.tsv. Both cores are used throughout (THREADS, default 2): the data and the latents as
+# WORKDIR/recipe-times.tsv (time, geometry, step, seconds). Both cores are used throughout (THREADS, default 2): the data and the latents as
 # threads or workers, the VAE and the DiT stages as PROCESSES (default 2) one-thread processes. The VAE's global
 # batch of 4 crops is split between them; the DiT stages run with grad_accum 4 / PROCESSES, so every step still
 # takes 4 clips. Either way these are the same steps as one process (the small models do not get faster with
@@ -50,7 +50,7 @@ step() {  # step NAME COMMAND...: run COMMAND unless step NAME finished before; 
     local t0
     t0=$(date +%s)
     "$@"
-    printf '%s\t%s\t%d\n' "$(date -u +%FT%TZ)" "$name" "$(( $(date +%s) - t0 ))" | tee -a "$TIMES"
+    printf '%s\t%s\t%s\t%d\n' "$(date -u +%FT%TZ)" "$GEOMETRY" "$name" "$(( $(date +%s) - t0 ))" | tee -a "$TIMES"
     touch "$DONE/$name"
 }
 

@@ -124,7 +124,8 @@ def test_rerun_skips_finished_steps_and_retries_the_interrupted_one(tmp_path):
     assert calls.read_text().split() == ["train", "export", "create-model", "train", "export"]
     assert not (work / "models" / "demo").exists()  # cleared before the export (the recorder writes nothing)
     times = (work / "recipe-times.tsv").read_text().splitlines()
-    assert [t.split("\t")[1] for t in times] == [
+    assert {t.split("\t")[1] for t in times} == {"demo"}
+    assert [t.split("\t")[2] for t in times] == [
         "data", "vae", "init", "latents", "stage1", "export1", "poshead", "stage2", "export2"
     ]
     calls.unlink()
@@ -180,6 +181,8 @@ def test_geometries_keep_their_own_done_markers(tmp_path):
     lines = calls.read_text().splitlines()
     assert len(lines) == 9 and lines[-1] == "export runs/demo-t2-stage2 models/demo-t2 --memory-guidance 2"
     assert "--preset demo-t2" in lines[1] and "--steps 5600" in lines[1]
+    times = [t.split("\t") for t in (work / "recipe-times.tsv").read_text().splitlines()]
+    assert [t[1] for t in times] == ["demo"] * 9 + ["demo-t2"] * 9  # both geometries' steps, each named
     calls.unlink()
     bad = subprocess.run(["bash", str(SCRIPT), str(work)], env={**env, "GEOMETRY": "demo-t3"},
                          capture_output=True, text=True)
