@@ -28,9 +28,20 @@ def _geometry(name: str) -> dict[str, str]:
     raise AssertionError(f"no GEOMETRY {name} in the script")
 
 
-def _steps(geometry: str = "demo") -> list[tuple[str, str | None, list[str]]]:
+def _default_geometry() -> str:
+    """The GEOMETRY the script runs when none is given (the embedded model's)."""
+    m = re.search(r'^GEOMETRY="\$\{GEOMETRY:-([\w-]+)\}"$', SCRIPT.read_text(), re.M)
+    assert m, "no GEOMETRY default in the script"
+    return m.group(1)
+
+
+DEFAULT = _default_geometry()
+OTHER = {"demo": "demo-t2", "demo-t2": "demo"}[DEFAULT]
+
+
+def _steps(geometry: str = DEFAULT) -> list[tuple[str, str | None, list[str]]]:
     """(name, folder cleared first or None, egolcd argv) of every ``step`` line, continuations joined, with the
-    variables of ``GEOMETRY=geometry``."""
+    variables of ``GEOMETRY=geometry`` (default: the script's default)."""
     text = SCRIPT.read_text().replace("\\\n", " ")
     values = {"THREADS": "2", **_geometry(geometry)}
     steps = []
@@ -117,14 +128,15 @@ def test_rerun_skips_finished_steps_and_retries_the_interrupted_one(tmp_path):
     assert calls.read_text().split() == ["prepare-data", "train-vae", "create-model", "prepare-latents", "train"]
     (tmp_path / "allow").touch()
     calls.unlink()
-    (work / "models" / "demo").mkdir(parents=True)
-    (work / "models" / "demo" / "stale.txt").write_text("left by an interrupted export")
+    model = work / _geometry(DEFAULT)["MODEL"]
+    model.mkdir(parents=True)
+    (model / "stale.txt").write_text("left by an interrupted export")
     second = subprocess.run(["bash", str(SCRIPT), str(work)], env=env, capture_output=True, text=True)
     assert second.returncode == 0, second.stderr
     assert calls.read_text().split() == ["train", "export", "create-model", "train", "export"]
-    assert not (work / "models" / "demo").exists()  # cleared before the export (the recorder writes nothing)
+    assert not model.exists()  # cleared before the export (the recorder writes nothing)
     times = (work / "recipe-times.tsv").read_text().splitlines()
-    assert {t.split("\t")[1] for t in times} == {"demo"}
+    assert {t.split("\t")[1] for t in times} == {DEFAULT}
     assert [t.split("\t")[2] for t in times] == [
         "data", "vae", "init", "latents", "stage1", "export1", "poshead", "stage2", "export2"
     ]
@@ -152,7 +164,8 @@ def test_trainings_run_on_two_processes_with_the_same_clips_per_step(tmp_path):
                                                        "--nproc_per_node 2 -m egolcd train ") for line in trainings)
     assert all(line.endswith("--resume latest --set grad_accum=2") for line in trainings)
     for stage in ("stage1", "stage2"):
-        assert yaml.safe_load((REPO / "configs" / "train" / f"demo-v2-{stage}.yaml").read_text())["grad_accum"] == 4
+        for tag in ("v2", "t2"):
+            assert yaml.safe_load((REPO / "configs" / "train" / f"demo-{tag}-{stage}.yaml").read_text())["grad_accum"] == 4
     vae = [line for line in lines if " train-vae " in line]
     assert len(vae) == 1 and vae[0].startswith("fake-python -m torch.distributed.run --standalone --nproc_per_node 2 "
                                                "-m egolcd train-vae ")
@@ -173,7 +186,9 @@ def test_geometries_keep_their_own_done_markers(tmp_path):
     fake.chmod(0o755)
     work = tmp_path / "work"
     env = {"PATH": "/usr/bin:/bin", "EGOLCD": str(fake), "THREADS": "1", "PROCESSES": "1"}
-    assert subprocess.run(["bash", str(SCRIPT), str(work)], env=env, capture_output=True).returncode == 0
+    demo = subprocess.run(["bash", str(SCRIPT), str(work)], env={**env, "GEOMETRY": "demo"}, capture_output=True)
+    assert demo.returncode == 0
+    assert calls.read_text().splitlines()[-1] == "export runs/demo-v2-stage2 models/demo --memory-guidance 2"
     calls.unlink()
     t2 = subprocess.run(["bash", str(SCRIPT), str(work)], env={**env, "GEOMETRY": "demo-t2"},
                         capture_output=True, text=True)
