@@ -195,10 +195,13 @@ PRESETS: dict[str, Preset] = {
     "demo": _DEMO,
     # The demo geometry with half the temporal compression: the VAE packs 2 frames to a latent frame (it
     # reconstructs far better than 4: benchmarks/NOTES.md) and the DiT patches 2 latent frames to a token
-    # frame, so a chunk (6 latent frames = 12 pixel frames) is 3 token frames of 16 tokens, as in `demo`.
+    # frame, so a chunk (6 latent frames = 12 pixel frames) is 3 token frames of 16 tokens, as in `demo`. A token
+    # then carries 256 latent numbers, so the DiT is twice as wide (8 heads x 32, ffn 1,024; 7.1 M parameters):
+    # at demo's width 128 it barely read its memory (benchmarks/NOTES.md, 2026-12-04 sixth and seventh sessions).
     "demo-t2": _DEMO.replace(
         name="demo-t2",
-        transformer={**_DEMO.transformer, "patch_size": (2, 4, 4), "chunk_frames": 6},
+        transformer={**_DEMO.transformer, "patch_size": (2, 4, 4), "chunk_frames": 6, "num_attention_heads": 8,
+                     "ffn_dim": 1024},
         vae_temporal=2,
         memory=dataclasses.replace(_DEMO.memory),
     ),
