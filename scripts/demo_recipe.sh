@@ -25,10 +25,12 @@ PROCESSES="${PROCESSES:-2}"
 case "$PROCESSES" in 1|2|4) ;; *) echo "PROCESSES must be 1, 2 or 4 (4 clips a step), got $PROCESSES" >&2; exit 2 ;; esac
 # GEOMETRY=demo (the embedded model's: VAE 4x in time) or demo-t2 (VAE 2x in time, DiT temporal patch 2; the VAE's
 # steps cut to its hour: docs/METHOD.md, benchmarks/NOTES.md). Each writes its own folders and done-markers.
+# POSHEADS: the self-attention heads per block re-initialised as position-matching heads before stage 2, half of
+# the DiT's heads (demo 2 of 4, demo-t2 4 of 8).
 GEOMETRY="${GEOMETRY:-demo}"
 case "$GEOMETRY" in
-    demo) TAG=v2; VAE_STEPS=8000; VAE_DIR=models/demo-vae; INIT_DIR=models/demo-init-v2; MODEL=models/demo; MARK= ;;
-    demo-t2) TAG=t2; VAE_STEPS=5600; VAE_DIR=models/demo-t2-vae; INIT_DIR=models/demo-t2-init; MODEL=models/demo-t2; MARK=/demo-t2 ;;
+    demo) TAG=v2; VAE_STEPS=8000; VAE_DIR=models/demo-vae; INIT_DIR=models/demo-init-v2; MODEL=models/demo; MARK=; POSHEADS=2 ;;
+    demo-t2) TAG=t2; VAE_STEPS=5600; VAE_DIR=models/demo-t2-vae; INIT_DIR=models/demo-t2-init; MODEL=models/demo-t2; MARK=/demo-t2; POSHEADS=4 ;;
     *) echo "GEOMETRY must be demo or demo-t2, got $GEOMETRY" >&2; exit 2 ;;
 esac
 if [[ -x "$REPO/.venv/bin/egolcd" ]]; then EGOLCD="${EGOLCD:-$REPO/.venv/bin/egolcd}"; else EGOLCD="${EGOLCD:-egolcd}"; fi
@@ -91,7 +93,7 @@ step stage1 processes \
 step export1 fresh "models/demo-$TAG-stage1" \
     "$EGOLCD" export "runs/demo-$TAG-stage1" "models/demo-$TAG-stage1"
 step poshead fresh "models/demo-$TAG-poshead-init" \
-    "$EGOLCD" create-model "models/demo-$TAG-poshead-init" --init-from "models/demo-$TAG-stage1" --position-heads 2
+    "$EGOLCD" create-model "models/demo-$TAG-poshead-init" --init-from "models/demo-$TAG-stage1" --position-heads "$POSHEADS"
 step stage2 processes \
     "$EGOLCD" train "$REPO/configs/train/demo-$TAG-stage2.yaml" --resume latest
 step export2 fresh "$MODEL" \

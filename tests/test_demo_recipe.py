@@ -196,6 +196,7 @@ def test_geometries_keep_their_own_done_markers(tmp_path):
     lines = calls.read_text().splitlines()
     assert len(lines) == 9 and lines[-1] == "export runs/demo-t2-stage2 models/demo-t2 --memory-guidance 2"
     assert "--preset demo-t2" in lines[1] and "--steps 5600" in lines[1]
+    assert lines[6].endswith("--init-from models/demo-t2-stage1 --position-heads 4")  # half of its 8 heads
     times = [t.split("\t") for t in (work / "recipe-times.tsv").read_text().splitlines()]
     assert [t[1] for t in times] == ["demo"] * 9 + ["demo-t2"] * 9  # both geometries' steps, each named
     calls.unlink()
