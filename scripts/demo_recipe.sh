@@ -8,11 +8,11 @@
 # rerun; an interrupted one runs again, the trainings from their last checkpoint, so after an interruption the same
 # command resumes. The finished model is WORKDIR/models/demo (use it with `egolcd generate --model models/demo`);
 # the embedded model in egolcd/assets/demo is never touched. Each step's wall time is appended to
-# WORKDIR/recipe-times.tsv (time, geometry, step, seconds). Both cores are used throughout (THREADS, default 2): the data and the latents as
-# threads or workers, the VAE and the DiT stages as PROCESSES (default 2) one-thread processes. The VAE's global
-# batch of 4 crops is split between them; the DiT stages run with grad_accum 4 / PROCESSES, so every step still
-# takes 4 clips. Either way these are the same steps as one process (the small models do not get faster with
-# threads; two processes train the DiT about 1.75x and the VAE 1.6x faster). The commands are those of
+# WORKDIR/recipe-times.tsv (time, geometry, step, seconds). Both cores are used throughout (THREADS, default 2):
+# the data and the latents as threads or workers, the VAE and the DiT stages as PROCESSES (default 2) one-thread
+# processes. The VAE's global batch of 4 crops is split between them; the DiT stages run with grad_accum 4 /
+# PROCESSES, so every step still takes 4 clips. Either way these are the same steps as one process (the small
+# models do not get faster with threads; two processes train the DiT about 1.75x and the VAE 1.6x faster). The commands are those of
 # egolcd/assets/demo/README.md. GEOMETRY=demo-t2 runs the same recipe on the demo-t2 geometry (the VAE 2x in time,
 # 5,600 steps; configs/train/demo-t2-stage{1,2}.yaml) into WORKDIR/models/demo-t2, with its own done-markers.
 set -euo pipefail

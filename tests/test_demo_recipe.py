@@ -36,7 +36,6 @@ def _default_geometry() -> str:
 
 
 DEFAULT = _default_geometry()
-OTHER = {"demo": "demo-t2", "demo-t2": "demo"}[DEFAULT]
 
 
 def _steps(geometry: str = DEFAULT) -> list[tuple[str, str | None, list[str]]]:
