@@ -12,9 +12,10 @@
 # the data and the latents as threads or workers, the VAE and the DiT stages as PROCESSES (default 2) one-thread
 # processes. The VAE's global batch of 4 crops is split between them; the DiT stages run with grad_accum 4 /
 # PROCESSES, so every step still takes 4 clips. Either way these are the same steps as one process (the small
-# models do not get faster with threads; two processes train the DiT about 1.75x and the VAE 1.6x faster). The commands are those of
-# egolcd/assets/demo/README.md. GEOMETRY=demo-t2 runs the same recipe on the demo-t2 geometry (the VAE 2x in time,
-# 5,600 steps; configs/train/demo-t2-stage{1,2}.yaml) into WORKDIR/models/demo-t2, with its own done-markers.
+# models do not get faster with threads; two processes train the DiT about 1.75x and the VAE 1.6x faster). The
+# commands are those of egolcd/assets/demo/README.md. GEOMETRY=demo-t2 runs the same recipe on the demo-t2
+# geometry (the VAE 2x in time, 5,600 steps; configs/train/demo-t2-stage{1,2}.yaml) into WORKDIR/models/demo-t2,
+# with its own done-markers.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
