@@ -4,18 +4,18 @@
 #   bash scripts/demo_recipe.sh [WORKDIR]        # or: make demo-recipe WORKDIR=...
 #
 # Runs in WORKDIR (default: the repository root), where it writes data/, models/ and runs/ with the paths of
-# configs/train/demo-v2-stage{1,2}.yaml. A step that finished is marked in WORKDIR/.recipe-done/ and skipped on a
+# configs/train/demo-t2-stage{1,2}.yaml. A step that finished is marked in WORKDIR/.recipe-done/ and skipped on a
 # rerun; an interrupted one runs again, the trainings from their last checkpoint, so after an interruption the same
-# command resumes. The finished model is WORKDIR/models/demo (use it with `egolcd generate --model models/demo`);
-# the embedded model in egolcd/assets/demo is never touched. Each step's wall time is appended to
+# command resumes. The finished model is WORKDIR/models/demo-t2 (use it with `egolcd generate --model
+# models/demo-t2`); the embedded model in egolcd/assets/demo is never touched. Each step's wall time is appended to
 # WORKDIR/recipe-times.tsv (time, geometry, step, seconds). Both cores are used throughout (THREADS, default 2):
 # the data and the latents as threads or workers, the VAE and the DiT stages as PROCESSES (default 2) one-thread
 # processes. The VAE's global batch of 4 crops is split between them; the DiT stages run with grad_accum 4 /
 # PROCESSES, so every step still takes 4 clips. Either way these are the same steps as one process (the small
 # models do not get faster with threads; two processes train the DiT about 1.75x and the VAE 1.6x faster). The
-# commands are those of egolcd/assets/demo/README.md. GEOMETRY=demo-t2 runs the same recipe on the demo-t2
-# geometry (the VAE 2x in time, 5,600 steps; configs/train/demo-t2-stage{1,2}.yaml) into WORKDIR/models/demo-t2,
-# with its own done-markers.
+# commands are those of egolcd/assets/demo/README.md. GEOMETRY=demo runs the previous embedded model's (v3's)
+# recipe: the VAE 4x in time, 8,000 steps, configs/train/demo-v2-stage{1,2}.yaml, into WORKDIR/models/demo, with
+# its own done-markers.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -24,14 +24,15 @@ WORKDIR="$(cd "${1:-$REPO}" && pwd)"
 THREADS="${THREADS:-2}"
 PROCESSES="${PROCESSES:-2}"
 case "$PROCESSES" in 1|2|4) ;; *) echo "PROCESSES must be 1, 2 or 4 (4 clips a step), got $PROCESSES" >&2; exit 2 ;; esac
-# GEOMETRY=demo (the embedded model's: VAE 4x in time) or demo-t2 (VAE 2x in time, DiT temporal patch 2; the VAE's
-# steps cut to its hour: docs/METHOD.md, benchmarks/NOTES.md). Each writes its own folders and done-markers.
+# GEOMETRY=demo-t2 (the embedded model's since v4: VAE 2x in time, DiT temporal patch 2; the VAE's steps cut to its
+# hour: docs/METHOD.md, benchmarks/NOTES.md) or demo (v3's: VAE 4x in time). Each writes its own folders and
+# done-markers.
 # POSHEADS: the self-attention heads per block re-initialised as position-matching heads before stage 2, half of
 # the DiT's heads (demo 2 of 4, demo-t2 4 of 8).
-GEOMETRY="${GEOMETRY:-demo}"
+GEOMETRY="${GEOMETRY:-demo-t2}"
 case "$GEOMETRY" in
-    demo) TAG=v2; VAE_STEPS=8000; VAE_DIR=models/demo-vae; INIT_DIR=models/demo-init-v2; MODEL=models/demo; MARK=; POSHEADS=2 ;;
     demo-t2) TAG=t2; VAE_STEPS=5600; VAE_DIR=models/demo-t2-vae; INIT_DIR=models/demo-t2-init; MODEL=models/demo-t2; MARK=/demo-t2; POSHEADS=4 ;;
+    demo) TAG=v2; VAE_STEPS=8000; VAE_DIR=models/demo-vae; INIT_DIR=models/demo-init-v2; MODEL=models/demo; MARK=; POSHEADS=2 ;;
     *) echo "GEOMETRY must be demo or demo-t2, got $GEOMETRY" >&2; exit 2 ;;
 esac
 if [[ -x "$REPO/.venv/bin/egolcd" ]]; then EGOLCD="${EGOLCD:-$REPO/.venv/bin/egolcd}"; else EGOLCD="${EGOLCD:-egolcd}"; fi
