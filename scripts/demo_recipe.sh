@@ -4,9 +4,9 @@
 #   bash scripts/demo_recipe.sh [WORKDIR]        # or: make demo-recipe WORKDIR=...
 #
 # Runs in WORKDIR (default: the repository root), where it writes data/, models/ and runs/ with the paths of
-# configs/train/demo-t2-stage{1,2}.yaml. A step that finished is marked in WORKDIR/.recipe-done/ and skipped on a
-# rerun; an interrupted one runs again, the trainings from their last checkpoint, so after an interruption the same
-# command resumes. The finished model is WORKDIR/models/demo-t2 (use it with `egolcd generate --model
+# configs/train/demo-t2-stage{1,2}.yaml. A step that finished is marked in WORKDIR/.recipe-done/demo-t2/ and skipped
+# on a rerun; an interrupted one runs again, the trainings from their last checkpoint, so after an interruption the
+# same command resumes. The finished model is WORKDIR/models/demo-t2 (use it with `egolcd generate --model
 # models/demo-t2`); the embedded model in egolcd/assets/demo is never touched. Each step's wall time is appended to
 # WORKDIR/recipe-times.tsv (time, geometry, step, seconds). Both cores are used throughout (THREADS, default 2):
 # the data and the latents as threads or workers, the VAE and the DiT stages as PROCESSES (default 2) one-thread
