@@ -176,6 +176,13 @@ def save_model_dir(
     directory.mkdir(parents=True, exist_ok=True)
     transformer.save_pretrained(directory / "transformer")
     vae.save_pretrained(directory / "vae")
+    for part in ("transformer", "vae"):
+        # diffusers records where the model was loaded from (an absolute local path); loading sets it anew, so a
+        # shared folder should not carry it
+        path = directory / part / "config.json"
+        saved = json.loads(path.read_text())
+        saved.pop("_name_or_path", None)
+        path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
     make_scheduler("unipc", config.steps, config.shift).save_pretrained(directory / "scheduler")
     index = {
         "_class_name": "EgoLCDPipeline",
@@ -185,5 +192,5 @@ def save_model_dir(
         "scheduler": ["diffusers", "UniPCMultistepScheduler"],
         "text_encoder": ["egolcd", config.text_encoder],
     }
-    (directory / "model_index.json").write_text(json.dumps(index, indent=2))
-    (directory / CONFIG_NAME).write_text(json.dumps(asdict(config), indent=2))
+    (directory / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    (directory / CONFIG_NAME).write_text(json.dumps(asdict(config), indent=2) + "\n")

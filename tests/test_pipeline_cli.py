@@ -77,6 +77,11 @@ def test_saved_model_round_trip(pipe, tmp_path):
     again = EgoLCDPipeline.from_pretrained(tmp_path / "copy")
     for a, b in zip(pipe.transformer.state_dict().values(), again.transformer.state_dict().values()):
         assert torch.equal(a, b)
+    # the folder does not record the machine-local path it was loaded from; loading names its own
+    assert str(pipe.transformer.config._name_or_path).startswith(str(tmp_path.parent.parent))
+    for part in ("transformer", "vae"):
+        assert "_name_or_path" not in json.loads((tmp_path / "copy" / part / "config.json").read_text())
+    assert str(again.transformer.config._name_or_path) == str(tmp_path / "copy" / "transformer")
 
 
 @pytest.mark.parametrize("policy", ["egolcd", "dense", "window", "sink-window", "none"])
